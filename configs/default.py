@@ -1,0 +1,107 @@
+"""Every knob of synth-reid-jax, documented. Experiments start from `get_config()` and change a few values.
+
+Values are the thesis setting (GTA -> real, `*_11_bottle.yaml` of the original code) unless noted.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 10  # the original's train.seed
+
+  # --- Data -------------------------------------------------------------------------------------
+  data = config.data = ml_collections.ConfigDict()
+  data.source = "gta_synthreid"  # labelled synthetic TFDS dataset (train split, or all splits with combineall)
+  data.target = "dukemtmc_reid"  # unlabelled real TFDS dataset (its train split)
+  data.eval_datasets = ("market1501",)  # real datasets evaluated (query vs gallery); the thesis reports Market
+  data.manual_dir = "~/reid_data"  # where the downloaded datasets live, in their released layouts
+  data.data_dir = "~/tensorflow_datasets"  # where the prepared TFDS (array_record) datasets are written
+  data.height = 256  # every image is resized to height x width (must be a multiple of 4)
+  data.width = 128
+  data.n_samples = 20  # at most this many source images per identity (0 keeps all)
+  data.combineall = True  # source = train + query + gallery with identities relabelled 0..N-1
+  data.transforms = ("random_flip", "random_crop_translate")  # train augmentations; normalisation always
+  data.crop_scale = 1.125  # random_crop_translate: resize to this factor before a random crop
+  data.crop_prob = 0.5  # random_crop_translate: probability of the resize-and-crop
+  data.mean = (0.5, 0.5, 0.5)  # normalisation: (x / 255 - mean) / std
+  data.std = (0.5, 0.5, 0.5)
+  data.num_workers = 2  # grain worker processes per host (0 = read in the main process)
+  data.prefetch = 2  # batches buffered per worker
+  data.sampler = "random"  # "random" or "pk" (P identities x K images, for the triplet loss)
+  data.num_instances = 4  # K of the PK sampler
+
+  # --- Models -----------------------------------------------------------------------------------
+  model = config.model = ml_collections.ConfigDict()
+  model.backbone = "generator"  # R reads G's encoder ("generator", Synth-ReID) or a ResNet-50 stem ("resnet50", baseline)
+  model.ngf = 64  # generator base width (encoder output has 4 * ngf channels)
+  model.n_blocks = 9  # generator residual blocks (encoder layers 4 .. 3 + n_blocks)
+  model.ndf = 64  # discriminator base width
+  model.projector_dim = 256  # width of the patch-wise projection MLPs (feature_net_nc)
+  model.reid_stages = (4, 6, 3)  # ResNet-50 bottlenecks in stages 2, 3, 4
+  model.reid_width = 64  # ResNet base width (stage 2 has 2 * width planes, 8 * width * 4 output channels)
+  model.dtype = "float32"  # compute dtype: "float32", or "bfloat16" on GPU/TPU (params stay float32)
+  model.remat = False  # rematerialise the generator's residual blocks (saves memory, costs compute)
+  model.pretrained_reid = ""  # optional .npz of ImageNet ResNet-50 weights for stages 2-4 (tools.import_torch)
+
+  # --- Losses (names of the original config in the comments) ------------------------------------
+  loss = config.loss = ml_collections.ConfigDict()
+  loss.gan = 1.0  # weight_gen: LSGAN generator loss
+  loss.dis = 0.5  # weight_dis: each of the discriminator's real and fake LSGAN terms
+  loss.nce = 0.5  # weight_nce: PatchNCE between s and G(s)
+  loss.nce_idt = 0.0  # weight_idt: identity PatchNCE between r and G(r) (the original scales G(r) by it)
+  loss.sim = 0.5  # weight_sim: adversarial feature matching on discriminator features
+  loss.sim_type = "feat_match"  # sim_type_loss: "feat_match" (MSE of features) or "gram_match"
+  loss.reid_ce = 0.5  # weight_x: re-ID cross-entropy
+  loss.reid_triplet = 0.0  # weight_t: batch-hard triplet
+  loss.triplet_margin = 0.3
+  loss.label_smoothing = 0.1
+  loss.nce_temperature = 0.07
+  loss.num_patches = 256
+  loss.nce_layers = (0, 2, 3, 4, 8)  # encoder layers (0 = padded input, 1-3 convs, 4-12 blocks)
+  loss.dis_layers = (1, 2, 3, 4)  # discriminator layers for feature matching (0..5, 5 = output)
+  loss.guide_gen = True  # True: re-ID loss also trains G (joint); False: R on stopped features (disjoint)
+  loss.reid_start_epoch = 1  # epoch_id: 1-based epoch from which the re-ID loss is on
+
+  # --- Optimisers: torch-style Adam (L2 decay added to the gradient), multi-step decay by epoch ---
+  optim = config.optim = ml_collections.ConfigDict()
+  for name, b2, wd, milestones in (
+      ("generator", 0.999, 5e-4, (40,)),
+      ("discriminator", 0.999, 5e-4, (40,)),
+      ("projector", 0.99, 5e-3, (40,)),
+      ("reid", 0.999, 5e-4, (30, 40)),
+  ):
+    o = optim[name] = ml_collections.ConfigDict()
+    o.lr = 2e-4
+    o.b1 = 0.5
+    o.b2 = b2
+    o.eps = 1e-8
+    o.weight_decay = wd
+    o.milestones = milestones  # epochs after which the learning rate is multiplied by gamma
+    o.gamma = 0.1
+
+  # --- Training ---------------------------------------------------------------------------------
+  train = config.train = ml_collections.ConfigDict()
+  train.batch_size = 8  # global batch of source images (and as many target images)
+  train.num_epochs = 60  # epochs over the (subsampled) source set
+  train.num_steps = ml_collections.config_dict.placeholder(int)  # when set, overrides num_epochs
+  train.log_every_steps = 50
+  train.eval_every_epochs = 10
+  train.checkpoint_every_steps = 1000
+  train.keep_checkpoints = 3  # keep this many latest checkpoints (plus the best by mAP)
+  train.sample_every_steps = 1000  # PNG grid of source | translated | target
+  train.num_samples = 8  # images per grid
+  train.on_nonfinite = "stop"  # "stop" (keep the last good checkpoint) or "skip" the step
+
+  # --- Evaluation -------------------------------------------------------------------------------
+  ev = config.eval = ml_collections.ConfigDict()
+  ev.batch_size = 100
+  ev.flip = True  # eval_flip: add the feature of the horizontally flipped image
+  ev.metric = "euclidean"  # "euclidean" (squared) or "cosine"
+  ev.normalize = False  # L2-normalise features before the distance
+  ev.rerank = False  # k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)
+  ev.cuhk03_metric = False  # CUHK03 single-gallery-shot CMC
+  ev.ranks = (1, 5, 10, 20)
+  ev.visrank_topk = 0  # > 0: save a ranked-results picture with this many gallery images per query
+
+  return config

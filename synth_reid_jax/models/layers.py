@@ -1,0 +1,169 @@
+"""Building blocks shared by the networks: reflect padding, instance/batch norm, torch-style initialisers.
+
+Everything is NHWC. Normalisation statistics are computed in float32 whatever the compute dtype.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = jnp.dtype | type
+Initializer = Callable[..., jax.Array]
+
+NORM_EPS = 1e-5  # torch's InstanceNorm2d / BatchNorm eps
+BN_MOMENTUM = 0.1  # torch's BatchNorm momentum: running = (1 - m) * running + m * batch
+KAIMING_GAIN_SQ = 2.0  # kaiming_normal_(a=0): std = sqrt(2 / fan)
+BNNECK_SCALE_STD = 0.02  # the original draws BatchNorm1d weights from N(1, 0.02)
+
+# The original initialises every module with weights_init_kaiming: conv weights kaiming-normal over fan_in,
+# linear weights kaiming-normal over fan_out, biases 0.
+conv_init = nn.initializers.variance_scaling(KAIMING_GAIN_SQ, "fan_in", "normal")
+dense_init = nn.initializers.variance_scaling(KAIMING_GAIN_SQ, "fan_out", "normal")
+# torch computes a ConvTranspose2d weight's "fan_in" from its dim 1, i.e. out_channels * k * k; our transposed
+# kernels are stored (k, k, in, out), so that fan is over the last axis.
+conv_transpose_init = nn.initializers.variance_scaling(
+    KAIMING_GAIN_SQ, "fan_in", "normal", in_axis=-1, out_axis=-2)
+# torchvision / torchreid initialise a plain ResNet's convs over fan_out.
+resnet_conv_init = nn.initializers.variance_scaling(KAIMING_GAIN_SQ, "fan_out", "normal")
+
+
+def bnneck_scale_init(key, shape, dtype=jnp.float32):
+  """N(1, 0.02) as the original's weights_init_kaiming for BatchNorm1d."""
+  return 1.0 + BNNECK_SCALE_STD * jax.random.normal(key, shape, dtype)
+
+
+def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
+  """torch's ReflectionPad2d(pad) on the H and W axes of an NHWC array, as one concatenation per axis.
+
+  Bit-identical to jnp.pad(mode="reflect") but cheaper on XLA:CPU (see benchmarks/models_bench.py).
+  """
+  if pad == 0:
+    return x
+  for axis in (1, 2):
+    size = x.shape[axis]
+    if pad >= size:
+      raise ValueError(f"reflect padding {pad} needs a spatial size > {pad}, got shape {x.shape}; "
+                       "use a larger image")
+    before = jnp.flip(jax.lax.slice_in_dim(x, 1, pad + 1, axis=axis), axis)
+    after = jnp.flip(jax.lax.slice_in_dim(x, size - 1 - pad, size - 1, axis=axis), axis)
+    x = jnp.concatenate([before, x, after], axis=axis)
+  return x
+
+
+def instance_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+  """InstanceNorm2d without affine parameters: per image and channel over H, W; stats in one float32 pass."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=(1, 2), keepdims=True)
+  mean_sq = jnp.mean(jnp.square(xf), axis=(1, 2), keepdims=True)
+  var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+  scale = jax.lax.rsqrt(var + eps)
+  return (xf * scale - mean * scale).astype(x.dtype)
+
+
+class BatchNorm(nn.Module):
+  """torch-semantics BatchNorm over all axes but the last (BatchNorm1d/2d).
+
+  Differences from flax.linen.BatchNorm that matter for faithfulness: the running variance is updated with the
+  unbiased batch variance (n / (n - 1)), as torch does, and the shift can be frozen (BNNeck).
+  """
+  momentum: float = BN_MOMENTUM
+  epsilon: float = NORM_EPS
+  scale_init: Initializer = nn.initializers.ones
+  freeze_bias: bool = False  # the shift stays a param (counts match) but receives no gradient
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    if self.freeze_bias:
+      bias = jax.lax.stop_gradient(bias)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      count = int(np.prod([x.shape[a] for a in axes]))
+      if count < 2:
+        raise ValueError(f"BatchNorm in training needs more than one value per channel, got shape {x.shape}; "
+                         "use a batch size > 1")
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axis=axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * var * (count / (count - 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    return (xf * mul + (bias - mean * mul)).astype(self.dtype)
+
+
+class ConvTranspose3x3s2(nn.Module):
+  """torch's ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1): (N,H,W,C) -> (N,2H,2W,features).
+
+  The kernel is stored (3, 3, in, out) with torch's tap order (torch weight (in, out, 3, 3) transposed, not
+  flipped). It runs as one 2x2 convolution that produces the four output phases as channels (a sub-pixel
+  decomposition), which does a quarter of the multiplies of a zero-dilated convolution.
+  """
+  features: int
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+
+  # Output row 2m + phase reads input rows m + offset; _TAP[phase][offset] is the kernel row used (None = none).
+  # From torch's definition y[2i - 1 + k] += x[i] * w[k]: y[2m] = x[m] w[1]; y[2m+1] = x[m] w[2] + x[m+1] w[0].
+  _TAP = ((1, None), (2, 0))
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    kernel = self.param("kernel", conv_transpose_init, (3, 3, c, self.features), jnp.float32)
+    zero = jnp.zeros((c, self.features), jnp.float32)
+    taps = []  # (2 offset_h, 2 offset_w, in, 2 phase_h, 2 phase_w, out)
+    for dh in range(2):
+      row = []
+      for dw in range(2):
+        phases = []
+        for ph in range(2):
+          for pw in range(2):
+            kh, kw = self._TAP[ph][dh], self._TAP[pw][dw]
+            phases.append(zero if kh is None or kw is None else kernel[kh, kw])
+        row.append(jnp.stack(phases, axis=1))  # (in, 4, out)
+      taps.append(jnp.stack(row))
+    phase_kernel = jnp.stack(taps).reshape(2, 2, c, 4 * self.features).astype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), phase_kernel, window_strides=(1, 1), padding=((0, 1), (0, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, -1)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int | Sequence[tuple[int, int]] = 0,
+         use_bias: bool = False, dtype: Dtype = jnp.float32, kernel_init: Initializer = conv_init,
+         name: str | None = None) -> nn.Conv:
+  """A torch-style Conv2d: symmetric zero padding given as an int (or explicit pairs), float32 params."""
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
+                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                 bias_init=nn.initializers.zeros, name=name)
+
+
+dense = functools.partial(nn.Dense, kernel_init=dense_init, bias_init=nn.initializers.zeros,
+                          param_dtype=jnp.float32)
+
+
+def canonical_dtype(dtype: str | Dtype) -> jnp.dtype:
+  """Accepts "float32" / "bfloat16" (config strings) or a dtype."""
+  try:
+    return jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"unknown compute dtype {dtype!r}; use 'float32' or 'bfloat16'") from e

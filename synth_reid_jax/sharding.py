@@ -1,0 +1,61 @@
+"""Data parallelism: a 1-D device mesh, the replicated train state and global batches from per-process data."""
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh named "data" over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  if not devices:
+    raise ValueError("create_mesh needs at least one device.")
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (the train state)."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) axis is split over the "data" axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places every array of `tree` on all devices of `mesh`."""
+  return jax.device_put(tree, replicated_sharding(mesh))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+  """Raises if the global batch cannot be split evenly over the mesh's devices."""
+  num_devices = mesh.devices.size
+  if global_batch_size % num_devices:
+    raise ValueError(
+        f"The global batch size {global_batch_size} is not divisible by the {num_devices} devices of the mesh; "
+        f"set config.train.batch_size to a multiple of {num_devices} (or run on fewer devices).")
+
+
+def make_global_batch(local_batch, mesh: Mesh):
+  """Assembles this process's share of a batch (numpy arrays, leading axis = local batch) into global arrays.
+
+  Every process passes its own slice; the result is sharded along the batch axis over all devices of `mesh`,
+  so the same code runs on one host or many.
+  """
+  sharding = batch_sharding(mesh)
+  num_processes = len({d.process_index for d in mesh.devices.flat})
+
+  def to_global(x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+      raise ValueError("make_global_batch needs arrays with a leading batch axis, got a scalar.")
+    check_batch_size(x.shape[0] * num_processes, mesh)
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(to_global, local_batch)
