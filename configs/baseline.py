@@ -1,4 +1,4 @@
-"""Direct transfer: a ResNet-50 trained on GTA identities only, tested on real data (thesis: 23.3 mAP / 39.4 R1).
+"""Direct transfer: ResNet-50 trained on GTA identities only, tested on Market (thesis: 23.3 mAP, 39.4 R1).
 
 As the original's `resnet/im_resnet_softmax_02` run: the re-ID losses alone (no generator, discriminator or
 projector), plain cross-entropy, batch 32, decay at epochs 20, 30 and 40, every source image. The original

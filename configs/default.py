@@ -20,7 +20,10 @@ def get_config():
   data.height = 256  # every image is resized to height x width (must be a multiple of 4)
   data.width = 128
   data.n_samples = 20  # at most this many source images per identity (0 keeps all)
-  data.combineall = True  # source = train + query + gallery with identities relabelled 0..N-1
+  data.combineall = True  # source = train + gallery (+ query, see below) of the source, relabelled 0..N-1
+  # The original merges train + gallery only (its combine_all(include_query=False)); True also merges query
+  # images (torchreid's behaviour). GTASynthReid's query identities are gallery identities, so the classes agree.
+  data.combineall_query = False
   data.transforms = ("random_flip", "random_crop_translate")  # train augmentations; normalisation always
   data.crop_scale = 1.125  # random_crop_translate: resize to this factor before a random crop
   data.crop_prob = 0.5  # random_crop_translate: probability of the resize-and-crop
@@ -33,7 +36,7 @@ def get_config():
 
   # --- Models -----------------------------------------------------------------------------------
   model = config.model = ml_collections.ConfigDict()
-  model.backbone = "generator"  # R reads G's encoder ("generator", Synth-ReID) or a ResNet-50 stem ("resnet50", baseline)
+  model.backbone = "generator"  # what R reads: G's encoder ("generator") or a ResNet-50 stem ("resnet50")
   model.ngf = 64  # generator base width (encoder output has 4 * ngf channels)
   model.n_blocks = 9  # generator residual blocks (encoder layers 4 .. 3 + n_blocks)
   model.ndf = 64  # discriminator base width

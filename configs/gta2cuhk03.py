@@ -1,4 +1,7 @@
-"""GTA -> CUHK03 (new protocol, detected boxes as torchreid's default): the thesis setting (41.6 / 60.0 on Market)."""
+"""GTA -> CUHK03 (new protocol, detected boxes as torchreid's default): the thesis setting.
+
+Thesis: 41.6 mAP / 60.0 rank-1 on Market.
+"""
 
 from configs import default, tiny
 

@@ -1,4 +1,4 @@
-"""The `:tiny` config argument: any experiment shrunk for a CPU smoke run (tiny images and model, a few steps).
+"""The `:tiny` config argument: an experiment shrunk for a CPU smoke run (tiny images and model, a few steps).
 
 Not an experiment itself; every experiment's `get_config(arg)` calls `is_tiny(arg)` and `shrink(config)`.
 """
@@ -31,7 +31,7 @@ def shrink(config):
   # Encoder layers 0..5 exist with two residual blocks: the last NCE layer moves onto the last block.
   config.loss.nce_layers = tuple(layer for layer in config.loss.nce_layers if layer < 4) + (4, 5)
   config.loss.num_patches = 16
-  config.train.batch_size = 8
+  config.train.batch_size = 4  # the fake dataset trees (tests/fakes.py) have 6 target images
   config.train.num_steps = 4
   config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 2

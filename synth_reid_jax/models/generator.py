@@ -23,6 +23,7 @@ class ResidualBlock(nn.Module):
   """x + IN(conv3(pad(ReLU(IN(conv3(pad(x))))))); the second conv keeps its bias, as the original."""
   dtype: Dtype = jnp.float32
 
+  @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
     y = conv(c, 3, dtype=self.dtype, name="conv_0")(reflect_pad(x, 1))

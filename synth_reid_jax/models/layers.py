@@ -55,13 +55,16 @@ def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
 
 
 def instance_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
-  """InstanceNorm2d without affine parameters: per image and channel over H, W; stats in one float32 pass."""
+  """InstanceNorm2d without affine parameters: per image and channel over H, W, statistics in float32.
+
+  The variance is taken around the mean (two passes): as fast as E[x^2] - E[x]^2 here (XLA fuses both
+  reductions; see benchmarks/models_bench.py) and without its cancellation when |mean| >> std.
+  """
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axis=(1, 2), keepdims=True)
-  mean_sq = jnp.mean(jnp.square(xf), axis=(1, 2), keepdims=True)
-  var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-  scale = jax.lax.rsqrt(var + eps)
-  return (xf * scale - mean * scale).astype(x.dtype)
+  centered = xf - mean
+  var = jnp.mean(jnp.square(centered), axis=(1, 2), keepdims=True)
+  return (centered * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 class BatchNorm(nn.Module):
@@ -115,8 +118,8 @@ class ConvTranspose3x3s2(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
 
-  # Output row 2m + phase reads input rows m + offset; _TAP[phase][offset] is the kernel row used (None = none).
-  # From torch's definition y[2i - 1 + k] += x[i] * w[k]: y[2m] = x[m] w[1]; y[2m+1] = x[m] w[2] + x[m+1] w[0].
+  # Output row 2m + phase reads input rows m + offset with kernel row _TAP[phase][offset] (None: no tap).
+  # From torch's definition y[2i - 1 + k] += x[i] w[k]: y[2m] = x[m] w[1], y[2m+1] = x[m] w[2] + x[m+1] w[0].
   _TAP = ((1, None), (2, 0))
 
   @nn.compact
@@ -146,15 +149,50 @@ class ConvTranspose3x3s2(nn.Module):
     return y
 
 
+def _padding_pairs(padding):
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  return tuple(tuple(p) for p in padding)
+
+
+class Conv(nn.Module):
+  """torch's Conv2d in NHWC with float32 params (kernel (k, k, in, out), bias) and zero padding.
+
+  XLA:CPU runs an unpadded ("VALID") k>1 convolution 3-30x slower than the same convolution with any padding
+  (see benchmarks/models_bench.py), so an unpadded one is computed with one extra zero row below the input and
+  the extra output row dropped: the same numbers, at the fast path's speed.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int | Sequence[tuple[int, int]] = 0
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = conv_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s = self.kernel_size, self.stride
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    padding = _padding_pairs(self.padding)
+    trim = k > 1 and all(p == (0, 0) for p in padding)
+    if trim:
+      padding = ((0, s), (0, 0))
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (s, s), padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if trim:
+      y = y[:, :-1]
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
 def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int | Sequence[tuple[int, int]] = 0,
          use_bias: bool = False, dtype: Dtype = jnp.float32, kernel_init: Initializer = conv_init,
-         name: str | None = None) -> nn.Conv:
-  """A torch-style Conv2d: symmetric zero padding given as an int (or explicit pairs), float32 params."""
-  if isinstance(padding, int):
-    padding = ((padding, padding), (padding, padding))
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
-                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
-                 bias_init=nn.initializers.zeros, name=name)
+         name: str | None = None) -> Conv:
+  """A torch-style Conv2d: symmetric zero padding given as an int (or explicit (H, W) pairs)."""
+  return Conv(features, kernel_size, stride=stride, padding=padding, use_bias=use_bias, dtype=dtype,
+              kernel_init=kernel_init, name=name)
 
 
 dense = functools.partial(nn.Dense, kernel_init=dense_init, bias_init=nn.initializers.zeros,

@@ -1,0 +1,114 @@
+"""Entry point: `python launch.py --config=configs/<experiment>.py --workdir=<dir> [--mode=...]`.
+
+Modes: train (default; resumes from the latest checkpoint in workdir), eval (latest or --step checkpoint),
+translate (G(x) for every image under --input_dir into --output_dir) and extract (re-ID features of every
+image under --input_dir into the --output .npz).
+"""
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train", "eval", "translate", "extract")
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/gta2market.py or configs/demo.py:tiny; override "
+    "any key with --config.<key>=<value> (e.g. --config.train.batch_size=16).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, metrics, samples, eval results.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do with the workdir.")
+flags.DEFINE_integer("step", None, "eval/translate/extract: the checkpoint step (default: latest).")
+flags.DEFINE_string("input_dir", None, "translate/extract: directory of images (searched recursively).")
+flags.DEFINE_string("output_dir", None, "translate: where the translated images go (same relative names).")
+flags.DEFINE_string("output", None, "extract: the .npz file to write (features, paths, pids, camids).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Environment variables that announce a multi-process cluster jax.distributed.initialize() detects by itself.
+_CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with override typos (--config.train.batch_sise=8) reported in one clear line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+  except (AttributeError, KeyError) as e:
+    # ml_collections says "'batch_sise'\nDid you mean "batch_size" instead of "batch_sise"?" (quoted twice).
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    key = re.search(r"'(\w+)'", text)
+    bad = [arg for arg in argv[1:] if arg.startswith("--config.") and (not key or key.group(1) in arg)]
+    hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
+    sys.exit(f"FATAL Unknown config key in {' '.join(bad)}." + (f" {hint.group(0)}" if hint else "")
+             + "\nEvery key is listed (and documented) in configs/default.py.")
+
+
+def needs_distributed_init():
+  """Whether this process is one of several: explicit flags, or a multi-task SLURM/MPI job, or a TPU pod."""
+  if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
+    return True
+  if any(int(os.environ.get(name, "1") or 1) > 1 for name in _CLUSTER_SIZE_VARIABLES):
+    return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed():
+  import jax
+  if needs_distributed_init():
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def _require(*names):
+  """Raises a usage error naming the flags this mode needs but did not get."""
+  missing = [f"--{name}" for name in names if not FLAGS[name].value]
+  if missing:
+    raise app.UsageError(f"--mode={FLAGS.mode} needs {' and '.join(missing)}.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config, workdir = _CONFIG.value, FLAGS.workdir
+  if FLAGS.mode == "translate":
+    _require("input_dir", "output_dir")
+  elif FLAGS.mode == "extract":
+    _require("input_dir", "output")
+  from configs import default  # launch.py sits at the repository root, next to configs/
+  from synth_reid_jax import trainer
+
+  # Everything that can be checked without compiling is checked before the first device is touched.
+  try:
+    trainer.validate_config(config, reference=default.get_config())
+    initialize_distributed()
+    import jax
+    trainer.validate_for_devices(config, jax.device_count())
+    trainer.check_workdir_config(config, workdir)
+  except ValueError as e:
+    sys.exit(f"FATAL {e}")
+  if jax.process_index() == 0:
+    devices = jax.devices()
+    print(f"{jax.process_count()} process(es), {len(devices)} {devices[0].platform.upper()} device(s) "
+          f"({jax.local_device_count()} local); global batch {config.train.batch_size} "
+          f"({config.train.batch_size // len(devices)} per device); mode {FLAGS.mode}; workdir {workdir}",
+          flush=True)
+
+  if FLAGS.mode == "train":
+    trainer.train_and_evaluate(config, workdir)
+  elif FLAGS.mode == "eval":
+    trainer.evaluate(config, workdir, step=FLAGS.step)
+  elif FLAGS.mode == "translate":
+    trainer.translate(config, workdir, FLAGS.input_dir, FLAGS.output_dir, step=FLAGS.step)
+  elif FLAGS.mode == "extract":
+    trainer.extract(config, workdir, FLAGS.input_dir, FLAGS.output, step=FLAGS.step)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main, flags_parser=parse_flags)

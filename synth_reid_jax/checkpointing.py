@@ -1,0 +1,241 @@
+"""Orbax checkpoints of a run: the model variables, the rest of the train state, the data iterators, metadata.
+
+Layout of `<workdir>/checkpoints/<step>/` (one Orbax composite checkpoint per step):
+  model/            {"params": {"generator", "discriminator", "projector", "reid"}, "batch_stats": {"reid"}}
+  train_state/      every other TrainState field (step, optimizer states) and "rng" (the run's key data)
+  source_iterator/  grain iterator state, one JSON file per process
+  target_iterator/  idem (absent when the run has no target stream)
+  metadata/         JSON: {"kind": "train"|"inference", "step", "epoch", "num_classes", "config"}
+An inference checkpoint (`save_inference_checkpoint`, e.g. from tools.import_torch) holds only model/ and
+metadata/; eval, translate and extract restore just those two items, so they read both kinds.
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL = "model"
+TRAIN_STATE = "train_state"
+METADATA = "metadata"
+ITERATOR_SUFFIX = "_iterator"
+VARIABLE_COLLECTIONS = ("params", "batch_stats")
+BEST_METRIC = "mAP"
+MAX_LISTED_MISMATCHES = 10
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINT_DIR)
+
+
+def _handler_registry(iterator_names):
+  """Tells Orbax which handler reads each item, so metadata and partial restores work without saving first."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for name in (MODEL, TRAIN_STATE):
+    registry.add(name, ocp.args.StandardSave, ocp.handlers.StandardCheckpointHandler)
+    registry.add(name, ocp.args.StandardRestore, ocp.handlers.StandardCheckpointHandler)
+  registry.add(METADATA, ocp.args.JsonSave, ocp.handlers.JsonCheckpointHandler)
+  registry.add(METADATA, ocp.args.JsonRestore, ocp.handlers.JsonCheckpointHandler)
+  for name in iterator_names:
+    for args in (grain_checkpoint.CheckpointSave, grain_checkpoint.CheckpointRestore):
+      registry.add(name + ITERATOR_SUFFIX, args, grain_checkpoint.CheckpointHandler)
+  return registry
+
+
+def _key_name(path):
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree):
+  """{"params/reid/classifier/kernel": shape} for arrays, ShapeDtypeStructs and Orbax array metadata alike."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {_key_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def check_compatible(template, stored, where):
+  """Raises naming every key whose shape differs (or is missing) between a checkpoint and the current model."""
+  want, have = _shapes(template), _shapes(stored)
+  problems = []
+  for key in sorted(set(want) | set(have)):
+    if key not in have:
+      problems.append(f"  {key}: missing in the checkpoint, shape {want[key]} in the current model")
+    elif key not in want:
+      problems.append(f"  {key}: shape {have[key]} in the checkpoint, absent from the current model")
+    elif want[key] != have[key]:
+      problems.append(f"  {key}: shape {have[key]} in the checkpoint, {want[key]} in the current model")
+  if problems:
+    listed = problems[:MAX_LISTED_MISMATCHES]
+    if len(problems) > len(listed):
+      listed.append(f"  ... and {len(problems) - len(listed)} more")
+    raise ValueError(
+        f"The checkpoint {where} does not fit the model built from the current config:\n" + "\n".join(listed)
+        + "\nUse the config the checkpoint was written with (see config.json / the checkpoint metadata), "
+        "or a fresh --workdir.")
+
+
+def _abstract(tree):
+  """ShapeDtypeStructs carrying each leaf's sharding: Orbax restores straight into that layout."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _host_copy(tree):
+  """Replicated arrays as numpy (one device-to-host copy each); sharded arrays stay as they are.
+
+  Orbax would otherwise split every replicated array over its replicas to write them in parallel, compiling a
+  slice per shape and device on the first save: seconds of overhead for a data-parallel state.
+  """
+  def copy(x):
+    if isinstance(x, jax.Array) and x.is_fully_replicated:
+      return np.asarray(x)
+    return x
+  return jax.tree.map(copy, tree)
+
+
+def _state_fields(state):
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+def split_state(state):
+  """TrainState -> (model variables {"params", "batch_stats"}, every other field)."""
+  fields = _state_fields(state)
+  model = {name: fields.pop(name) for name in VARIABLE_COLLECTIONS}
+  return model, fields
+
+
+class Checkpointer:
+  """Saves and restores a run's checkpoints; keeps `keep` latest plus the best by eval mAP."""
+
+  def __init__(self, workdir, keep=3, async_save=True, iterator_names=("source", "target")):
+    self.directory = checkpoint_dir(workdir)
+    policies = [ocp.checkpoint_managers.LatestN(n=keep),
+                ocp.checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+                                              keep_checkpoints_without_metrics=False)]
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        cleanup_tmp_directories=True)  # an interrupted save leaves a tmp directory: never restored
+    self._iterator_names = tuple(iterator_names)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=_handler_registry(self._iterator_names))
+
+  def steps(self):
+    return list(self._manager.all_steps())
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def resolve_step(self, step):
+    """`step`, or the latest when None; raises naming the directory (and the steps there) when missing."""
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(
+          f"No checkpoint in {self.directory}. Train first (--mode=train with this --workdir), convert one "
+          "with `python -m synth_reid_jax.tools.import_torch`, or point --workdir at a trained run.")
+    if step is None:
+      return max(steps)
+    if step not in steps:
+      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; available steps: {steps}.")
+    return step
+
+  def _items(self, step):
+    return set(os.listdir(os.path.join(self.directory, str(step))))
+
+  def save(self, step, state, *, metadata, iterators=None, rng=None, metrics=None):
+    """Starts an (async) save of the whole training state; `metrics` ({"mAP": ...}) rank the best."""
+    model, rest = split_state(state)
+    if rng is not None:
+      rest["rng"] = jax.random.key_data(rng)
+    items = {MODEL: ocp.args.StandardSave(_host_copy(model)),
+             TRAIN_STATE: ocp.args.StandardSave(_host_copy(rest)),
+             METADATA: ocp.args.JsonSave(dict(metadata, kind="train", step=int(step)))}
+    for name, iterator in (iterators or {}).items():
+      items[name + ITERATOR_SUFFIX] = grain_checkpoint.CheckpointSave(iterator)
+    return self._manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+  def metadata(self, step=None):
+    step = self.resolve_step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+    return restored[METADATA]
+
+  def restore_training(self, state, *, iterators=None, rng=None, step=None):
+    """Restores state (into `state`'s shardings), iterators (in place) and rng; -> (state, rng, metadata)."""
+    step = self.resolve_step(step)
+    if TRAIN_STATE not in self._items(step):
+      raise ValueError(
+          f"The checkpoint {self.directory}/{step} holds only inference weights (e.g. from "
+          "tools.import_torch) and cannot resume training; use it with --mode=eval/translate/extract, or "
+          "train in a fresh --workdir.")
+    model, rest = split_state(state)
+    if rng is not None:
+      rest["rng"] = jax.random.key_data(rng)
+    stored = self._manager.item_metadata(step)
+    where = f"{self.directory}/{step}"
+    check_compatible(model, stored[MODEL].tree, where)
+    check_compatible(rest, stored[TRAIN_STATE].tree, where)
+    items = {MODEL: ocp.args.StandardRestore(_abstract(model)),
+             TRAIN_STATE: ocp.args.StandardRestore(_abstract(rest)), METADATA: ocp.args.JsonRestore()}
+    for name, iterator in (iterators or {}).items():
+      if name + ITERATOR_SUFFIX not in self._items(step):
+        raise ValueError(f"The checkpoint {where} has no state for the {name} data iterator; the run it came "
+                         "from had a different data setup. Resume with its config or use a fresh --workdir.")
+      items[name + ITERATOR_SUFFIX] = grain_checkpoint.CheckpointRestore(iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    fields = dict(restored[TRAIN_STATE], **restored[MODEL])
+    if rng is not None:
+      rng = jax.random.wrap_key_data(fields.pop("rng"), impl=jax.random.key_impl(rng))
+    return state.replace(**fields), rng, restored[METADATA]
+
+  def restore_variables(self, variables, *, step=None, networks=None):
+    """Restores {"params", "batch_stats"} of `networks` (default: all in `variables`) into `variables`' shardings.
+
+    Reads train and inference checkpoints alike. Networks not asked for are neither checked nor returned
+    (eval needs only the generator or stem and the re-ID network). -> (variables, metadata).
+    """
+    step = self.resolve_step(step)
+    stored = self._manager.item_metadata(step)[MODEL].tree
+    networks = set(networks or {net for collection in variables.values() for net in collection})
+    wanted = {col: {net: tree for net, tree in variables[col].items() if net in networks} for col in variables}
+    check_compatible(wanted, {col: {net: tree for net, tree in stored.get(col, {}).items() if net in networks}
+                              for col in variables}, f"{self.directory}/{step}")
+    # Orbax restores whole items: networks not asked for are read as stored and dropped.
+    fallback = jax.tree.leaves(variables)[0].sharding
+    target = {col: {net: _abstract(wanted[col][net]) if net in networks
+                    else jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=fallback), tree)
+                    for net, tree in stored[col].items()} for col in stored}
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        MODEL: ocp.args.StandardRestore(target), METADATA: ocp.args.JsonRestore()}))
+    model = {col: {net: tree for net, tree in restored[MODEL][col].items() if net in networks}
+             for col in restored[MODEL]}
+    return model, restored[METADATA]
+
+  def wait_until_finished(self):
+    self._manager.wait_until_finished()
+
+  def reached_preemption(self, step):
+    """True on every host at the same step once any host got a preemption notice (multi-host runs)."""
+    return self._manager.reached_preemption(step)
+
+  def close(self):
+    self._manager.close()
+
+
+def save_inference_checkpoint(workdir, params, batch_stats, step, metadata):
+  """Writes model/ and metadata/ only (what eval/translate/extract need), e.g. for converted weights.
+
+  `params` is {"generator", "reid"[, "discriminator", "projector"]}, `batch_stats` {"reid": ...};
+  `metadata` must hold "num_classes" (the re-ID classifier's width) and should hold "config" (a dict).
+  """
+  if "num_classes" not in metadata:
+    raise ValueError("save_inference_checkpoint: metadata needs 'num_classes' (the classifier's width).")
+  manager = ocp.CheckpointManager(checkpoint_dir(workdir), handler_registry=_handler_registry(()),
+                                  options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+  model = jax.tree.map(np.asarray, {"params": params, "batch_stats": batch_stats})
+  manager.save(int(step), force=True, args=ocp.args.Composite(**{
+      MODEL: ocp.args.StandardSave(model),
+      METADATA: ocp.args.JsonSave(dict(metadata, kind="inference", step=int(step)))}))
+  manager.wait_until_finished()
+  manager.close()

@@ -1,0 +1,283 @@
+"""TFDS builders of the re-ID datasets: array_record files with image bytes, pid, camid and filename.
+
+Every builder turns a dataset's `Sample` lists (see parsing.py) into the splits train, query and gallery, in
+file-name order. Images are stored as encoded bytes (JPEG/PNG, byte for byte when RGB) and are fully decoded
+once while building, so a broken file fails here. Building needs neither TensorFlow nor the `tfds` CLI:
+`get_builder` (or `python -m synth_reid_jax.datasets`) prepares a dataset on first use.
+"""
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from synth_reid_jax.datasets import cuhk03, images, parsing, toy
+
+FILE_FORMAT = "array_record"  # random access without TensorFlow (grain, as_data_source)
+MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "The dataset's licence forbids redistribution: request it from its authors and unpack it under "
+    "manual_dir as released. {doc} lists where to ask and the folder layout."
+)
+
+
+class FileName(tfds.features.Text):
+  """A file name that reads back as `str` (tfds.features.Text reads back as bytes without TensorFlow)."""
+
+  def decode_example_np(self, example_data):
+    return example_data.decode("utf-8") if isinstance(example_data, bytes) else example_data
+
+
+def features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "pid": np.int64,  # the original identity number (0 = distractor)
+      "camid": np.int64,  # 0-based camera
+      "filename": FileName(),  # name of the image file in its split folder
+  })
+
+
+class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Common machinery: splits from `_samples`, one example per image, file order kept."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  DOC = ""  # page under datasets/
+  HOMEPAGE = ""
+  CITATION = ""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's own lookup of a packaged builder's source imports `importlib_resources`, which it does not
+    # install on Python >= 3.9; the source file is all it needs (to look for an optional checksums.tsv).
+    return epath.Path(inspect.getfile(cls))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(self.__doc__ or "").strip(),
+        features=features(),
+        homepage=self.HOMEPAGE,
+        citation=self.CITATION,
+        disable_shuffling=True,  # records stay in file-name order, so indices are reproducible
+        metadata=tfds.core.MetadataDict(self._metadata()),
+    )
+
+  def _metadata(self) -> dict:
+    return {}
+
+  def _samples(self, dl_manager) -> dict[str, list[parsing.Sample]]:
+    raise NotImplementedError
+
+  @classmethod
+  def expected_layout(cls, config_name: str | None) -> str:
+    """What manual_dir should hold, for error messages."""
+    return ""
+
+  def _split_generators(self, dl_manager):
+    samples = self._samples(dl_manager)  # parse everything (and fail) before writing anything
+    return {split: self._generate_examples(samples[split]) for split in parsing.SPLITS}
+
+  def _generate_examples(self, samples):
+    for sample in samples:
+      yield sample.filename, {
+          "image": images.read_checked_image(sample.path),
+          "pid": sample.pid,
+          "camid": sample.camid,
+          "filename": sample.filename,
+      }
+
+
+class ManualReidBuilder(ReidBuilder, skip_registration=True):
+  """A real dataset in its released folder layout under manual_dir."""
+
+  LAYOUT: parsing.FolderLayout
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    doc = f"{parsing.DOCS_DIR}/{cls.DOC}"
+    cls.MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS.format(doc=doc)
+
+  def _samples(self, dl_manager):
+    return parsing.parse_splits(self.LAYOUT, os.fspath(dl_manager.manual_dir))
+
+  @classmethod
+  def expected_layout(cls, config_name):
+    return cls.LAYOUT.expected_layout()
+
+
+class Market1501(ManualReidBuilder):
+  """Market-1501 (Zheng et al., ICCV 2015): 1501 identities, 6 cameras; distractors (pid 0) in the gallery."""
+
+  LAYOUT = parsing.MARKET1501
+  DOC = LAYOUT.doc
+  HOMEPAGE = "https://zheng-lab-anu.github.io/Project/project_reid.html"
+  CITATION = """@inproceedings{zheng2015scalable,
+  title={Scalable Person Re-identification: A Benchmark},
+  author={Zheng, Liang and Shen, Liyue and Tian, Lu and Wang, Shengjin and Wang, Jingdong and Tian, Qi},
+  booktitle={ICCV}, year={2015}}"""
+
+
+class DukemtmcReid(ManualReidBuilder):
+  """DukeMTMC-reID (Ristani et al. 2016, Zheng et al. 2017): 1404 identities (+408 distractors), 8 cameras."""
+
+  LAYOUT = parsing.DUKEMTMC_REID
+  DOC = LAYOUT.doc
+  HOMEPAGE = "https://github.com/layumi/DukeMTMC-reID_evaluation"
+  CITATION = """@inproceedings{zheng2017unlabeled,
+  title={Unlabeled Samples Generated by GAN Improve the Person Re-identification Baseline in vitro},
+  author={Zheng, Zhedong and Zheng, Liang and Yang, Yi}, booktitle={ICCV}, year={2017}}"""
+
+
+class GtaSynthreid(ManualReidBuilder):
+  """GTA_synthReid: synthetic pedestrians rendered in GTA V, 19 cameras, day and night sequences."""
+
+  LAYOUT = parsing.GTA_SYNTHREID
+  DOC = LAYOUT.doc
+  HOMEPAGE = "https://github.com/RoboTuan/synth-reid"
+
+
+class Cuhk03(ReidBuilder):
+  """CUHK03 (Li et al., CVPR 2014), 767/700 protocol (Zhong et al., CVPR 2017); detected or labeled boxes."""
+
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name="detected", description="Boxes found by a pedestrian detector."),
+      tfds.core.BuilderConfig(name="labeled", description="Boxes drawn by hand."),
+  ]
+  DOC = cuhk03.DOC
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS.format(doc=f"{parsing.DOCS_DIR}/{cuhk03.DOC}")
+  HOMEPAGE = "https://github.com/zhunzhong07/person-re-ranking/tree/master/CUHK03-NP"
+  CITATION = """@inproceedings{li2014deepreid,
+  title={DeepReID: Deep Filter Pairing Neural Network for Person Re-identification},
+  author={Li, Wei and Zhao, Rui and Xiao, Tong and Wang, Xiaogang}, booktitle={CVPR}, year={2014}}"""
+
+  def _samples(self, dl_manager):
+    image_type = self.builder_config.name
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    layout = parsing.cuhk03_np_layout(image_type)
+    if any(os.path.isdir(os.path.join(manual_dir, root)) for root in layout.roots):
+      logging.info("cuhk03/%s: reading the cuhk03-np folders", image_type)
+      return parsing.parse_splits(layout, manual_dir)
+    release = cuhk03.find_release(manual_dir, image_type)
+    if release is None:
+      raise FileNotFoundError(
+          f"cuhk03/{image_type}: found neither the cuhk03-np folders nor the original release under "
+          f"manual_dir {manual_dir}. Expected {self.expected_layout(image_type)}\n{layout.help()}"
+      )
+    mat_path, config_path = release
+    out_dir = os.path.join(os.fspath(dl_manager.download_dir), "cuhk03", f"images_{image_type}")
+    logging.info("cuhk03/%s: extracting images from %s into %s", image_type, mat_path, out_dir)
+    cuhk03.extract_images(mat_path, image_type, out_dir)
+    return cuhk03.protocol_splits(config_path, out_dir, image_type)
+
+  @classmethod
+  def expected_layout(cls, config_name):
+    return (f"either\n{parsing.cuhk03_np_layout(config_name).expected_layout()}\nor\n"
+            f"  {cuhk03.RELEASE_FOLDER}/{cuhk03.RELEASE_MAT} and {cuhk03.protocol_file(config_name)} "
+            "(both may sit in a cuhk03/ folder)")
+
+
+class ReidToy(ReidBuilder):
+  """reid_toy: procedural pedestrians; "synthetic" is flat-shaded, "real" looks like camera footage."""
+
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name="synthetic", description="Clean, flat-shaded renders (the source)."),
+      tfds.core.BuilderConfig(name="real", description="The same kind of people, rendered like footage."),
+  ]
+  DOC = "reid_toy.md"
+
+  def __init__(self, *, toy_config: toy.ToyConfig | None = None, **kwargs):
+    self.toy_config = toy_config or toy.ToyConfig()
+    super().__init__(**kwargs)
+    self._original_state["toy_config"] = self.toy_config  # so a pickled builder keeps its settings
+
+  def _metadata(self):
+    return {"toy_config": self.toy_config.to_json()}
+
+  def _samples(self, dl_manager):
+    domain = self.builder_config.name
+    out_dir = toy_images_dir(os.fspath(dl_manager.download_dir), self.toy_config, domain)
+    toy.write_domain(self.toy_config, domain, out_dir)
+    return parsing.parse_splits(parsing.toy_layout(domain), os.path.dirname(out_dir))
+
+
+def toy_images_dir(download_dir: str, config: toy.ToyConfig, domain: str) -> str:
+  """Where a domain's PNGs are written: one folder per distinct ToyConfig, so changed settings regenerate."""
+  digest = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+  return os.path.join(download_dir, "reid_toy", digest, domain)
+
+
+BUILDERS = {
+    "gta_synthreid": (GtaSynthreid, None),
+    "market1501": (Market1501, None),
+    "dukemtmc_reid": (DukemtmcReid, None),
+    "cuhk03/detected": (Cuhk03, "detected"),
+    "cuhk03/labeled": (Cuhk03, "labeled"),
+    "reid_toy/synthetic": (ReidToy, "synthetic"),
+    "reid_toy/real": (ReidToy, "real"),
+}
+DATASET_NAMES = tuple(BUILDERS)
+
+
+def get_builder(name: str, data_dir: str, manual_dir: str | None = None,
+                toy_config: toy.ToyConfig | None = None) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder of a dataset, building it into data_dir on first use.
+
+  Args:
+    name: one of DATASET_NAMES.
+    data_dir: where prepared datasets live (`<data_dir>/<name>/<version>`).
+    manual_dir: where the downloaded real datasets sit in their released layouts (unused for reid_toy and
+      for datasets already prepared).
+    toy_config: settings of reid_toy (default ToyConfig()); a prepared reid_toy drawn with other settings
+      is rebuilt.
+  """
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}.")
+  cls, config_name = BUILDERS[name]
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  if cls is ReidToy:
+    toy_config = toy_config or toy.ToyConfig()
+    make = lambda: ReidToy(
+        config=config_name, data_dir=data_dir, file_format=FILE_FORMAT, toy_config=toy_config)
+    builder = make()
+    if builder.is_prepared() and builder.info.metadata.get("toy_config") != toy_config.to_json():
+      logging.info("%s: rebuilding, its ToyConfig changed", name)
+      shutil.rmtree(builder.data_dir)
+      builder = make()
+    download_config = None
+  else:
+    builder = cls(config=config_name, data_dir=data_dir, file_format=FILE_FORMAT)
+    if builder.is_prepared():
+      return builder
+    if manual_dir is None:
+      raise ValueError(
+          f"{name} is not prepared in {data_dir} yet and no manual_dir was given: pass the folder holding "
+          f"the downloaded dataset. See {parsing.DOCS_DIR}/{cls.DOC}."
+      )
+    manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
+    if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+      raise FileNotFoundError(
+          f"{name}: manual_dir {manual_dir} does not exist or is empty. Unpack the dataset there as "
+          f"released; expected layout under manual_dir:\n{cls.expected_layout(config_name)}\n"
+          f"See {parsing.DOCS_DIR}/{cls.DOC} for where to request it."
+      )
+    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  if not builder.is_prepared():
+    builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def summarize(builder: tfds.core.DatasetBuilder) -> dict[str, dict[str, int]]:
+  """torchreid's numbers of each split (ids, images, cameras), read from the prepared records."""
+  summary = {}
+  for split in parsing.SPLITS:
+    source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    records = [source[i] for i in range(len(source))]
+    summary[split] = parsing.split_summary([r["pid"] for r in records], [r["camid"] for r in records])
+  return summary

@@ -1,0 +1,534 @@
+"""Grain input pipelines: the labelled source stream, the unlabelled target stream and ordered evaluation.
+
+Training streams are infinite and index-addressed: position `g` of the global stream (all processes together)
+is image `g % (steps_per_epoch * global_batch)` of epoch `g // (steps_per_epoch * global_batch)`, whose order
+is a pure function of (seed, epoch) - a fresh permutation every epoch (torchreid's RandomSampler with
+drop_last) or torchreid's RandomIdentitySampler (P identities x K images). Augmentation draws from grain's
+per-position generator. So the stream is the same for any number of processes or workers: process `p` of `n`
+takes the p-th slice of every global batch, and the iterator's state (`get_state` / `set_state`) is just the
+number of batches taken, which resumes the identical stream.
+"""
+
+import dataclasses
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from synth_reid_jax import transforms as transforms_lib
+
+SPLITS = ("train", "query", "gallery")
+SAMPLERS = ("random", "pk")
+# Identities torchreid ignores when it merges a dataset's test splits into training (`_junk_pids`); pid -1
+# junk images never reach the records.
+DISTRACTOR_PIDS = {"market1501": (0,)}
+# An "infinite" stream (as grain's repeat(None)); positions stay far below the uint64 limit of grain's rngs.
+_STREAM_LENGTH = sys.maxsize
+# Salts that keep the random draws of different purposes independent for one config.seed.
+_SUBSAMPLE_SALT, _ORDER_SALT, _AUGMENT_SALT = 1, 2, 3
+_SOURCE_STREAM, _TARGET_STREAM = 0, 1
+# Records read per call while collecting a split's labels.
+_LABEL_READ_CHUNK = 1024
+
+
+# --- Records and labels ---------------------------------------------------------------------------
+
+
+def load_split(config, name: str, split: str):
+  """The random-access records of one split of a TFDS dataset (built on first use), images as encoded bytes.
+
+  The bytes are decoded here with PIL, as torchreid reads images (TFDS would prefer OpenCV when installed).
+  """
+  import tensorflow_datasets as tfds  # the TFDS builders are only needed when reading real datasets
+
+  from synth_reid_jax import datasets
+
+  builder = datasets.get_builder(name, os.path.expanduser(config.data.data_dir),
+                                 os.path.expanduser(config.data.manual_dir))
+  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _as_str(value) -> str:
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLabels:
+  """pid, camid and file name of every record of a split, in record order."""
+  pids: np.ndarray  # int64 (N,), the dataset's own identity numbers
+  camids: np.ndarray  # int32 (N,)
+  filenames: np.ndarray  # object (N,) of str
+
+  def __len__(self):
+    return len(self.pids)
+
+
+def read_labels(records: Sequence[Mapping]) -> SplitLabels:
+  """Read the labels of every record (batched reads when the source offers `__getitems__`)."""
+  pids, camids, filenames = [], [], []
+  getitems = getattr(records, "__getitems__", None)
+  for start in range(0, len(records), _LABEL_READ_CHUNK):
+    keys = range(start, min(start + _LABEL_READ_CHUNK, len(records)))
+    chunk = getitems(list(keys)) if getitems is not None else [records[k] for k in keys]
+    for record in chunk:
+      pids.append(int(record["pid"]))
+      camids.append(int(record["camid"]))
+      filenames.append(_as_str(record.get("filename", "")))
+  return SplitLabels(np.asarray(pids, np.int64), np.asarray(camids, np.int32), np.asarray(filenames, object))
+
+
+# --- The training example table -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """The training images of a stream: where each one lives and its contiguous label."""
+  splits: tuple[str, ...]  # the splits the examples come from
+  split_index: np.ndarray  # int32 (N,): position in `splits`
+  record_index: np.ndarray  # int64 (N,): record number within that split
+  labels: np.ndarray  # int32 (N,): identities relabelled 0..num_classes-1
+  num_classes: int
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def source_splits(combineall: bool, include_query: bool = False) -> tuple[str, ...]:
+  """Splits that form the source training set.
+
+  synth-reid's combineall merges the train and gallery folders only (its `combine_all` leaves the query out);
+  `include_query` gives torchreid's train + query + gallery.
+  """
+  if not combineall:
+    return ("train",)
+  return SPLITS if include_query else ("train", "gallery")
+
+
+def subsample_per_identity(pids: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+  """Sorted indices keeping at most `n_samples` images per pid, drawn without replacement (0 keeps all)."""
+  if n_samples < 0:
+    raise ValueError(f"n_samples must be >= 0 (0 keeps every image), got {n_samples}.")
+  if n_samples == 0:
+    return np.arange(len(pids))
+  keep = []
+  for pid in np.unique(pids):
+    members = np.flatnonzero(pids == pid)
+    if len(members) > n_samples:
+      members = rng.choice(members, n_samples, replace=False)
+    keep.append(members)
+  return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
+
+
+def build_examples(labels: Mapping[str, SplitLabels], splits: Sequence[str], n_samples: int, seed: int,
+                   distractor_pids: Sequence[int] = ()) -> Examples:
+  """Merge splits into one relabelled training set, as torchreid's combine_all with synth-reid's n_samples.
+
+  Each split keeps at most n_samples images per pid (the original subsamples each folder separately). The
+  train identities become labels 0..T-1 in pid order; the test identities (query and gallery share them,
+  distractors dropped) follow as T.., even where a pid number also occurs in train.
+  """
+  rng = np.random.default_rng([seed, _SUBSAMPLE_SALT])
+  split_index, record_index, keys = [], [], []
+  for i, split in enumerate(splits):
+    pids = labels[split].pids
+    kept = np.arange(len(pids))
+    if split != "train":
+      kept = kept[~np.isin(pids, distractor_pids)]
+    kept = kept[subsample_per_identity(pids[kept], n_samples, rng)]
+    split_index.append(np.full(len(kept), i, np.int32))
+    record_index.append(kept)
+    group = 0 if split == "train" else 1
+    keys.append(np.stack([np.full(len(kept), group), pids[kept]], axis=1))
+  keys = np.concatenate(keys)
+  _, label = np.unique(keys, axis=0, return_inverse=True)  # lexicographic (group, pid): train first
+  label = label.reshape(-1).astype(np.int32)
+  return Examples(tuple(splits), np.concatenate(split_index), np.concatenate(record_index).astype(np.int64),
+                  label, int(label.max()) + 1 if len(label) else 0)
+
+
+# --- Epoch orders (samplers) ----------------------------------------------------------------------
+
+
+def random_order(num_images: int, rng: np.random.Generator) -> np.ndarray:
+  """A fresh permutation of the images (torchreid's RandomSampler)."""
+  return rng.permutation(num_images)
+
+
+def pk_order(labels: np.ndarray, num_instances: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+  """One pass of torchreid's RandomIdentitySampler: batches of P = batch_size // K identities x K images.
+
+  Each identity's images are shuffled (drawn with replacement up to K when it has fewer) and cut into groups
+  of K; batches then take P random identities that still have a group left, until fewer than P remain.
+  """
+  num_ids_per_batch = batch_size // num_instances
+  groups = {}
+  for pid in np.unique(labels):
+    members = np.flatnonzero(labels == pid)
+    if len(members) < num_instances:
+      members = rng.choice(members, num_instances, replace=True)
+    members = rng.permutation(members)
+    usable = len(members) - len(members) % num_instances
+    groups[pid] = list(members[:usable].reshape(-1, num_instances))
+  available = [pid for pid in groups if groups[pid]]
+  order = []
+  while len(available) >= num_ids_per_batch:
+    chosen = rng.choice(len(available), num_ids_per_batch, replace=False)
+    selected = [available[i] for i in chosen]
+    for pid in selected:
+      order.append(groups[pid].pop(0))
+      if not groups[pid]:
+        available.remove(pid)
+  return np.concatenate(order) if order else np.zeros((0,), np.int64)
+
+
+class EpochOrders:
+  """The image order of every epoch, a pure function of (seed, epoch), `epoch_length` images long."""
+
+  def __init__(self, labels: np.ndarray, epoch_length: int, seed: int, sampler: str = "random",
+               num_instances: int = 4, batch_size: int = 1):
+    if sampler not in SAMPLERS:
+      raise ValueError(f"Unknown sampler {sampler!r} (config.data.sampler); choose from {SAMPLERS}.")
+    self.labels, self.epoch_length, self.seed = labels, epoch_length, seed
+    self.sampler, self.num_instances, self.batch_size = sampler, num_instances, batch_size
+    self._cache, self._lock = {}, threading.Lock()
+
+  def __getstate__(self):  # for grain's worker processes: no lock, no cache
+    return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._cache, self._lock = {}, threading.Lock()
+
+  def _generate(self, epoch: int) -> np.ndarray:
+    if self.sampler == "random":
+      rng = np.random.default_rng([self.seed, _ORDER_SALT, epoch])
+      return random_order(len(self.labels), rng)[:self.epoch_length]
+    # A PK pass yields a little less than the images; further passes fill the epoch to its fixed length.
+    passes, have = [], 0
+    while have < self.epoch_length:
+      rng = np.random.default_rng([self.seed, _ORDER_SALT, epoch, len(passes)])
+      passes.append(pk_order(self.labels, self.num_instances, self.batch_size, rng))
+      have += len(passes[-1])
+    return np.concatenate(passes)[:self.epoch_length]
+
+  def __call__(self, epoch: int) -> np.ndarray:
+    with self._lock:  # reader threads share the cache
+      order = self._cache.get(epoch)
+      if order is None:
+        order = self._generate(epoch)
+        if len(self._cache) >= 2:  # the stream moves forward: keep the current and the previous epoch
+          self._cache.pop(min(self._cache))
+        self._cache[epoch] = order
+    return order
+
+
+# --- grain datasets -------------------------------------------------------------------------------
+
+
+class _StreamRecords(grain.MapDataset):
+  """Infinite global stream of raw records {"image", "pid"} in epoch order."""
+
+  def __init__(self, records: Sequence[Sequence[Mapping]], examples: Examples, orders: EpochOrders,
+               with_labels: bool):
+    super().__init__()
+    self._records, self._examples, self._orders = records, examples, orders
+    self._with_labels = with_labels
+
+  def __len__(self):
+    return _STREAM_LENGTH
+
+  def __str__(self):
+    return f"_StreamRecords(num_images={len(self._examples)}, sampler={self._orders.sampler})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, position = divmod(index, self._orders.epoch_length)
+    example = self._orders(epoch)[position]
+    split = self._examples.split_index[example]
+    record = self._records[split][int(self._examples.record_index[example])]
+    element = {"image": record["image"]}
+    if self._with_labels:
+      element["pid"] = self._examples.labels[example]
+    return element
+
+
+class _EvalRecords(grain.MapDataset):
+  """A split in record order, padded to whole global batches; padding has mask False and index -1."""
+
+  def __init__(self, records: Sequence[Mapping], labels: SplitLabels, length: int, height: int, width: int):
+    super().__init__()
+    self._records, self._labels, self._length = records, labels, length
+    self._padding = np.zeros((height, width, 3), np.uint8)
+
+  def __len__(self):
+    return self._length
+
+  def __str__(self):
+    return f"_EvalRecords(num_images={len(self._labels)}, padded_length={self._length})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if index >= len(self._labels):
+      return {"image": self._padding, "pid": -1, "camid": -1, "index": -1, "mask": False}
+    return {"image": self._records[index]["image"], "pid": self._labels.pids[index],
+            "camid": self._labels.camids[index], "index": index, "mask": True}
+
+
+class _StackAndNormalize:
+  """grain batch_fn: stack a list of elements; the uint8 images become one normalised float32 array."""
+
+  _DTYPES = {"pid": np.int32, "camid": np.int32, "index": np.int32, "mask": np.bool_}
+
+  def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    self.mean, self.std = tuple(mean), tuple(std)
+    self.table = transforms_lib.normalize_table(mean, std)
+
+  def __call__(self, elements: Sequence[dict]) -> dict:
+    images = np.stack([e["image"] for e in elements])
+    batch = {"image": transforms_lib.normalize(images, self.mean, self.std, self.table)}
+    for key in elements[0]:
+      if key != "image":
+        batch[key] = np.asarray([e[key] for e in elements], self._DTYPES.get(key))
+    return batch
+
+
+def _process_grid(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # only asked when the caller does not say which process this is
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count}).")
+  return process_index, process_count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int, what: str) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"{what} {global_batch_size} must be a positive multiple of the number of processes "
+                     f"({process_count}); change it or the process count.")
+  return global_batch_size // process_count
+
+
+def _seed_for(config, *salts: int) -> int:
+  return int(np.random.SeedSequence([config.seed, *salts]).generate_state(1)[0])
+
+
+def _to_iter(batches: grain.MapDataset, num_workers: int, prefetch: int) -> grain.IterDataset:
+  """Batches read ahead by threads in this process or, with num_workers > 0, by worker processes."""
+  if num_workers < 0:
+    raise ValueError(f"config.data.num_workers must be >= 0, got {num_workers}.")
+  buffered = max(1, prefetch)
+  # Without workers, `prefetch` threads each build a batch; each worker process builds whole batches alone.
+  threads = buffered if num_workers == 0 else 1
+  iter_ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffered))
+  if num_workers > 0:
+    # grain 0.2.18 reads an absl flag when starting workers, which fails in scripts and notebooks that never
+    # parse flags (google/grain#1355); the flags' defaults are what is meant there.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                               per_worker_buffer_size=buffered))
+  return iter_ds
+
+
+def _close_running(running: list):
+  while running:
+    running.pop().close()
+
+
+class ResumableIterator(grain.DatasetIterator):
+  """Iterates a MapDataset of batches; its state {"step": batches taken} resumes the identical stream.
+
+  Unlike the states of grain's prefetch iterators, the state does not depend on the number of workers (and
+  is the same on every process), so a run may resume with other data loading settings.
+  """
+
+  def __init__(self, batches: grain.MapDataset, num_workers: int = 0, prefetch: int = 1):
+    super().__init__()
+    self._batches, self._num_workers, self._prefetch = batches, num_workers, prefetch
+    self._step = 0
+    self._running = []  # the grain iterator of the current run, if started
+
+  def _start(self):
+    if not self._running:
+      self._running.append(iter(_to_iter(self._batches[self._step:], self._num_workers, self._prefetch)))
+      # Stops worker processes and threads when this iterator goes away or, at the latest, at exit: grain's
+      # own clean-up of a live iterator during interpreter shutdown fails noisily.
+      self._finalizer = weakref.finalize(self, _close_running, self._running)
+    return self._running[0]
+
+  def __next__(self):
+    self._assert_not_closed()
+    batch = next(self._start())
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self._step}
+
+  def set_state(self, state: dict) -> None:
+    if not isinstance(state, Mapping) or "step" not in state or int(state["step"]) < 0:
+      raise ValueError(f"Expected an input pipeline state {{'step': n >= 0}}, got {state!r}.")
+    self._stop()
+    self._step = int(state["step"])
+
+  def start_prefetch(self) -> None:
+    self._start().start_prefetch()
+
+  def _stop(self):
+    if self._running:
+      self._finalizer()
+
+  def close(self) -> None:
+    self._stop()
+    super().close()
+
+  def __str__(self):
+    return f"ResumableIterator(step={self._step}, num_workers={self._num_workers})"
+
+
+def _split_records(config, name: str, splits: Sequence[str],
+                   data_sources: Mapping[str, Sequence[Mapping]] | None) -> dict:
+  records = {}
+  for split in splits:
+    if data_sources is not None:
+      if split not in data_sources:
+        raise ValueError(f"data_sources has no split {split!r} (has {sorted(data_sources)}).")
+      records[split] = data_sources[split]
+    else:
+      records[split] = load_split(config, name, split)
+    if len(records[split]) == 0:
+      raise ValueError(f"Split {split!r} of dataset {name!r} is empty; check config.data "
+                       "(source/target/manual_dir) and rebuild the dataset.")
+  return records
+
+
+# --- Pipelines -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainStream:
+  """An infinite, checkpointable stream of process-local training batches, plus what the trainer needs."""
+  iterator: "ResumableIterator"  # yields {"image": f32 (b,H,W,3) [, "pid": int32 (b,)]}; get/set_state
+  batches: grain.MapDataset  # batch k of this process at index k
+  num_images: int  # images in one epoch's pool (after combineall and n_samples)
+  num_classes: int  # identities (0 for the unlabelled target)
+  steps_per_epoch: int  # num_images // global_batch_size (the remainder is dropped each epoch)
+  batch_size: int  # per process
+  global_batch_size: int
+
+
+def _train_stream(config, name: str, splits: Sequence[str], n_samples: int, with_labels: bool,
+                  stream_salt: int, process_index, process_count, data_sources) -> TrainStream:
+  data = config.data
+  process_index, process_count = _process_grid(process_index, process_count)
+  global_batch = config.train.batch_size
+  local_batch = _local_batch_size(global_batch, process_count, "config.train.batch_size")
+  records = _split_records(config, name, splits, data_sources)
+  labels = {split: read_labels(records[split]) for split in splits}
+  examples = build_examples(labels, splits, n_samples, _seed_for(config, stream_salt),
+                            DISTRACTOR_PIDS.get(name, ()))
+  steps_per_epoch = len(examples) // global_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f"Dataset {name!r} ({'+'.join(splits)}) has {len(examples)} training images, fewer "
+                     f"than one global batch of {global_batch}; lower config.train.batch_size.")
+  sampler = data.sampler if with_labels else "random"
+  if sampler == "pk":
+    k = data.num_instances
+    if k <= 0 or global_batch % k:
+      raise ValueError(f"The PK sampler needs config.train.batch_size ({global_batch}) to be a multiple of "
+                       f"config.data.num_instances ({k}).")
+    if examples.num_classes < global_batch // k:
+      raise ValueError(f"The PK sampler needs at least {global_batch // k} identities per batch, but "
+                       f"{name!r} has {examples.num_classes}; lower config.train.batch_size.")
+  orders = EpochOrders(examples.labels, steps_per_epoch * global_batch, _seed_for(config, stream_salt),
+                       sampler, data.num_instances, global_batch)
+  batches = (
+      _StreamRecords([records[s] for s in splits], examples, orders, with_labels)
+      .random_map(transforms_lib.train_transform(config), seed=_seed_for(config, stream_salt, _AUGMENT_SALT))
+      .batch(local_batch, drop_remainder=True, batch_fn=_StackAndNormalize(data.mean, data.std))
+  )[process_index::process_count]
+  iterator = ResumableIterator(batches, data.num_workers, data.prefetch)
+  return TrainStream(iterator, batches, len(examples), examples.num_classes if with_labels else 0,
+                     steps_per_epoch, local_batch, global_batch)
+
+
+def create_source_pipeline(config, process_index: int | None = None, process_count: int | None = None, *,
+                           data_sources: Mapping[str, Sequence[Mapping]] | None = None) -> TrainStream:
+  """Labelled source batches {"image", "pid"}: config.data.source, combineall, n_samples, sampler.
+
+  `data_sources` (split -> records) replaces reading the TFDS dataset, e.g. for in-memory data.
+  """
+  data = config.data
+  # combineall_query (torchreid's merge of the query split too) is optional: synth-reid leaves the query out.
+  splits = source_splits(data.combineall, data.get("combineall_query", False))
+  return _train_stream(config, data.source, splits, data.n_samples, True, _SOURCE_STREAM,
+                       process_index, process_count, data_sources)
+
+
+def create_target_pipeline(config, process_index: int | None = None, process_count: int | None = None, *,
+                           data_sources: Mapping[str, Sequence[Mapping]] | None = None) -> TrainStream:
+  """Unlabelled target batches {"image"} from the train split of config.data.target (every image)."""
+  return _train_stream(config, config.data.target, ("train",), 0, False, _TARGET_STREAM,
+                       process_index, process_count, data_sources)
+
+
+@dataclasses.dataclass
+class EvalStream:
+  """A split in record order as padded batches; iterate it as often as needed."""
+  batches: grain.MapDataset  # batch k of this process at index k
+  num_batches: int  # the same on every process
+  num_images: int
+  batch_size: int  # per process
+  labels: SplitLabels  # the whole split's pids, camids and file names (record order)
+  num_workers: int = 0
+  prefetch: int = 1
+
+  def __iter__(self):
+    return iter(_to_iter(self.batches, self.num_workers, self.prefetch))
+
+  def __len__(self):
+    return self.num_batches
+
+
+def create_eval_pipeline(config, dataset_name: str, split: str, batch_size: int | None = None,
+                         process_index: int | None = None, process_count: int | None = None, *,
+                         records: Sequence[Mapping] | None = None) -> EvalStream:
+  """Batches {"image", "pid", "camid", "mask", "index"} of a split, unaugmented, in record order.
+
+  Global batch k holds images k*B .. k*B+B-1 (B = batch_size, default config.eval.batch_size); process p
+  gets its p-th slice. The last batch is padded (mask False, index/pid/camid -1), so with the mask every
+  image counts exactly once across processes. `records` replaces reading the TFDS split.
+  """
+  process_index, process_count = _process_grid(process_index, process_count)
+  global_batch = config.eval.batch_size if batch_size is None else batch_size
+  local_batch = _local_batch_size(global_batch, process_count, "The evaluation batch size")
+  if records is None:
+    records = _split_records(config, dataset_name, (split,), None)[split]
+  elif len(records) == 0:
+    raise ValueError(f"Split {split!r} of dataset {dataset_name!r} is empty.")
+  labels = read_labels(records)
+  num_batches = -(-len(labels) // global_batch)
+  data = config.data
+  batches = (
+      _EvalRecords(records, labels, num_batches * global_batch, data.height, data.width)
+      .map(transforms_lib.eval_transform(config))
+      .batch(local_batch, drop_remainder=True, batch_fn=_StackAndNormalize(data.mean, data.std))
+  )[process_index::process_count]
+  return EvalStream(batches, num_batches, len(labels), local_batch, labels, data.num_workers, data.prefetch)
+
+
+def split_labels(config, dataset_name: str, split: str) -> SplitLabels:
+  """pids, camids and file names of a split without building a pipeline."""
+  return read_labels(_split_records(config, dataset_name, (split,), None)[split])
+

@@ -1,0 +1,77 @@
+"""The train state (params, BatchNorm statistics and optimizer states of every network) and its creation."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from synth_reid_jax import optim
+from synth_reid_jax.models import Models, build_models, frozen_params_mask
+
+# Which optimizer block (config.optim.<name>) trains each network. The baseline's ResNet-50 stem is part of
+# the re-ID network there (torchreid trains the whole ResNet-50 with one optimizer).
+OPTIMIZER_CONFIG = {"generator": "generator", "discriminator": "discriminator", "projector": "projector",
+                    "reid": "reid", "stem": "reid"}
+# Networks holding BatchNorm statistics.
+BATCH_NORM_MODELS = ("reid", "stem")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a train step reads and writes, replicated on every device.
+
+  params / opt_state: {"generator", "discriminator", "projector", "reid"} for the method, {"stem", "reid"} for
+  the resnet50 baseline; batch_stats: {"reid"} (+ "stem"). step counts train steps (epoch = step // steps/epoch).
+  """
+  step: jax.Array
+  params: dict[str, Any]
+  batch_stats: dict[str, Any]
+  opt_state: dict[str, Any]
+
+
+def _init_variables(config, models: Models, rng):
+  """Initial variables of every network, for a single image of the configured size."""
+  image = jnp.zeros((1, config.data.height, config.data.width, 3), jnp.float32)
+  rngs = dict(zip(("generator", "discriminator", "projector", "reid", "stem"), jax.random.split(rng, 5)))
+  variables = {}
+  if config.model.backbone == "resnet50":  # the baseline: a ResNet-50 stem replaces G
+    variables["stem"] = models.stem.init(rngs["stem"], image, train=False)
+    reid_input = jax.eval_shape(lambda v, x: models.stem.apply(v, x, train=False), variables["stem"], image)
+  else:
+    variables["generator"] = models.generator.init(rngs["generator"], image)
+    variables["discriminator"] = models.discriminator.init(rngs["discriminator"], image)
+    nce_feats = jax.eval_shape(lambda v, x: models.generator.apply(
+        v, x, layers=tuple(config.loss.nce_layers), encode_only=True), variables["generator"], image)
+    # The projector's MLPs only depend on the channel counts: initialise them on one position per map.
+    variables["projector"] = models.projector.init(
+        rngs["projector"], [jnp.zeros((1, 1, 1, f.shape[-1]), f.dtype) for f in nce_feats])
+    reid_input = jax.eval_shape(lambda v, x: models.generator.apply(v, x, method="encoder_output"),
+                                variables["generator"], image)
+  variables["reid"] = models.reid.init(rngs["reid"], jnp.zeros(reid_input.shape, reid_input.dtype), train=False)
+  return variables
+
+
+def create_optimizers(config, params) -> dict[str, optax.GradientTransformation]:
+  """torch-style Adam per network from config.optim; the re-ID network's BNNeck shift is masked out."""
+  optimizers = {}
+  for name in params:
+    frozen = frozen_params_mask if name == "reid" else None
+    optimizers[name] = optim.create_optimizer(config.optim[OPTIMIZER_CONFIG[name]], frozen=frozen)
+  return optimizers
+
+
+def create_train_state(config, rng, num_classes: int) -> tuple[TrainState, dict[str, optax.GradientTransformation]]:
+  """Initialises every network for config.data.{height, width} and its optimizer; returns (state, optimizers)."""
+  if config.data.height % 4 or config.data.width % 4:
+    raise ValueError(f"Image size {config.data.height}x{config.data.width} must be a multiple of 4 "
+                     "(config.data.height / width).")
+  models = build_models(config, num_classes)
+  variables = jax.jit(lambda key: _init_variables(config, models, key))(rng)
+  params = {name: v["params"] for name, v in variables.items()}
+  batch_stats = {name: variables[name]["batch_stats"] for name in BATCH_NORM_MODELS if name in variables}
+  optimizers = create_optimizers(config, params)
+  opt_state = {name: optimizers[name].init(p) for name, p in params.items()}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return state, optimizers

@@ -1,0 +1,297 @@
+"""The one jit-compiled, data-parallel train step of Synth-ReID.
+
+Per batch of synthetic images s (identities pid) and real images r, in the original's order:
+  1. translate s -> G(s); the same encoder pass over s gives the PatchNCE keys and the re-ID input (its last
+     layer), as the original's separate passes would (G has no state, so the math is identical);
+  2. G's losses: LSGAN on D(G(s)), feature matching between D(r) and D(G(s)), PatchNCE between the encoder
+     features of G(s) (queries) and of s (keys, stopped), optional identity PatchNCE on r, and - in the joint
+     mode (guide_gen) - the re-ID cross-entropy (+ triplet) of R on the encoder features of s;
+  3. one gradient over (G, F, R) and their Adam updates;
+  4. D's losses on the stopped translations: LSGAN real/fake and feature matching between D(s) and D(G(s));
+     D's update;
+  5. in the disjoint mode, R's losses and update on the stopped encoder features.
+Loss weights of 0 drop their terms (and the networks only they need) when tracing; the only runtime switch is
+the epoch from which the re-ID loss is on (loss.reid_start_epoch), a select inside the compiled step.
+"""
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from synth_reid_jax import losses, optim
+from synth_reid_jax.models import Models, sample_patch_ids
+from synth_reid_jax.models.discriminator import NUM_LAYERS as _DISCRIMINATOR_LAYERS
+from synth_reid_jax.sharding import batch_sharding, check_batch_size, replicated_sharding
+from synth_reid_jax.train_state import OPTIMIZER_CONFIG, TrainState
+
+DIS_SCORE_LAYER = _DISCRIMINATOR_LAYERS - 1  # the PatchGAN's score map is the original's layer 5
+LOSS_METRICS = ("gen_gan", "gen_sim", "nce", "nce_idt", "reid_ce", "reid_triplet", "dis_real", "dis_fake",
+                "dis_sim")
+# torchreid reports the top-1 training accuracy in percent.
+PERCENT = 100.0
+
+
+def learning_rate_metric(name: str) -> str:
+  return f"lr_{name}"
+
+
+def _update(optimizer, params, grads, opt_state, learning_rate):
+  """One Adam step of one network at this step's learning rate."""
+  opt_state = optim.set_learning_rate(opt_state, learning_rate)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _select(pred, on_true, on_false):
+  """Leaf-wise jnp.where over two trees of the same structure."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def top1_accuracy(logits, labels):
+  """Top-1 accuracy in percent (torchreid's metrics.accuracy)."""
+  return PERCENT * jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+
+def reid_losses(models: Models, reid_params, batch_stats, features, pids, loss_config):
+  """R in train mode on encoder features: weighted (cross-entropy, triplet), top-1 accuracy, new BN stats.
+
+  BatchNorm statistics are over the whole (global) batch.
+  """
+  (logits, global_feat), new_vars = models.reid.apply(
+      {"params": reid_params, "batch_stats": batch_stats}, features, train=True, mutable=["batch_stats"])
+  ce = losses.cross_entropy_loss(logits, pids, loss_config.label_smoothing) * loss_config.reid_ce
+  triplet = jnp.zeros((), jnp.float32)
+  if loss_config.reid_triplet > 0:
+    triplet = losses.triplet_loss(global_feat, pids, loss_config.triplet_margin) * loss_config.reid_triplet
+  return ce, triplet, top1_accuracy(logits, pids), new_vars["batch_stats"]
+
+
+def _reid_gate(config, step, steps_per_epoch):
+  """1.0 from the 1-based epoch loss.reid_start_epoch on, else 0.0; None when it is on from the start."""
+  if config.loss.reid_start_epoch <= 1:
+    return None
+  epoch = step // steps_per_epoch  # 0-based, as the original's self.epoch
+  return (epoch + 1 >= config.loss.reid_start_epoch).astype(jnp.float32)
+
+
+def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoch):
+  """The Synth-ReID step (G, D, F, R) as a pure function (state, batch, rng) -> (state, metrics)."""
+  w = config.loss
+  nce_layers = tuple(w.nce_layers)
+  dis_layers = tuple(w.dis_layers)
+  encoder_output = models.generator.num_encoder_layers - 1  # layer 12: the re-ID network's input
+  source_taps = tuple(sorted(set(nce_layers) | {encoder_output}))
+  reid_on = w.reid_ce > 0 or w.reid_triplet > 0
+  joint = reid_on and w.guide_gen
+  disjoint = reid_on and not w.guide_gen
+  use_nce = w.nce > 0
+  use_idt = use_nce and w.nce_idt > 0  # as the original: identity NCE only alongside PatchNCE
+  train_generator = w.gan > 0 or w.sim > 0 or use_nce or joint
+  train_discriminator = w.dis > 0 or w.sim > 0
+
+  def generate(g_params, x):
+    """(G(x), {layer: encoder feature of x}) for the NCE layers and the encoder output."""
+    image, feats = models.generator.apply({"params": g_params}, x, layers=source_taps)
+    return image, dict(zip(source_taps, feats))
+
+  def encode(g_params, x):
+    """Encoder features of x at the NCE layers (the original's encode_only pass)."""
+    return models.generator.apply({"params": g_params}, x, layers=nce_layers, encode_only=True)
+
+  def discriminate(d_params, x, feature_layers, score):
+    """(score map or None, [D features at feature_layers])."""
+    layers = tuple(feature_layers) + ((DIS_SCORE_LAYER,) if score else ())
+    out = models.discriminator.apply({"params": d_params}, x, layers=layers)
+    return (out[-1] if score else None), (out[:-1] if score else out)
+
+  def patch_nce(f_params, feats_q, feats_k, rng):
+    """PatchNCE averaged over layers: patch positions drawn on the keys, reused for the queries."""
+    feats_k = jax.lax.stop_gradient(feats_k)
+    patch_ids = sample_patch_ids(rng, feats_k, w.num_patches)
+    proj_k = models.projector.apply({"params": f_params}, feats_k, patch_ids)
+    proj_q = models.projector.apply({"params": f_params}, feats_q, patch_ids)
+    batch_size = feats_q[0].shape[0]
+    per_layer = [jnp.mean(losses.patch_nce_loss(q, k, batch_size, w.nce_temperature))
+                 for q, k in zip(proj_q, proj_k)]
+    return sum(per_layer) / len(per_layer)
+
+  def generator_objective(trainable, frozen, batch, rng, reid_gate):
+    """G's (+ F's, + R's in the joint mode) weighted loss; aux = (terms, G(s), encoder output, R's state)."""
+    source, target = batch["source"], batch["target"]
+    terms, aux = {}, {}
+    fake, source_feats = generate(trainable["generator"], source)  # G(s) and the encoder features of s
+    # GAN: D should score G(s) as real; feature matching pulls D's features of G(s) towards those of r.
+    if w.gan > 0 or w.sim > 0:
+      fake_score, fake_dis_feats = discriminate(frozen["discriminator"], fake, dis_layers if w.sim > 0 else (),
+                                                score=w.gan > 0)
+      if w.gan > 0:
+        terms["gen_gan"] = losses.lsgan_loss(fake_score, target_is_real=True) * w.gan
+      if w.sim > 0:
+        _, real_dis_feats = discriminate(frozen["discriminator"], target, dis_layers, score=False)
+        terms["gen_sim"] = losses.feature_matching_loss(real_dis_feats, fake_dis_feats, w.sim_type) * w.sim
+    # PatchNCE: queries from the encoder of G(s), keys from the encoder of s.
+    if use_nce:
+      nce_rng, idt_rng = jax.random.split(rng)
+      keys = [source_feats[layer] for layer in nce_layers]
+      terms["nce"] = patch_nce(trainable["projector"], encode(trainable["generator"], fake), keys, nce_rng) * w.nce
+      if use_idt:
+        # The original scales the image G(r) by weight_idt (not the loss) before encoding it.
+        identity, target_feats = generate(trainable["generator"], target)
+        keys = [target_feats[layer] for layer in nce_layers]
+        queries = encode(trainable["generator"], identity * w.nce_idt)
+        terms["nce_idt"] = patch_nce(trainable["projector"], queries, keys, idt_rng)
+    # Joint mode: the re-ID loss on the encoder features of s also trains G.
+    if joint:
+      ce, triplet, acc, aux["reid_batch_stats"] = reid_losses(
+          models, trainable["reid"], frozen["reid_batch_stats"], source_feats[encoder_output], batch["pid"], w)
+      gate = 1.0 if reid_gate is None else reid_gate
+      terms["reid_ce"], terms["reid_triplet"], aux["reid_acc"] = gate * ce, gate * triplet, gate * acc
+    total = sum(terms.values())
+    return total, (terms, fake, source_feats[encoder_output], aux)
+
+  def discriminator_objective(d_params, source, target, fake):
+    """D's weighted loss on real r, stopped G(s), and feature matching between D(s) and D(G(s)).
+
+    D treats every image on its own (instance norm), so one pass over [G(s); r; s] equals three passes.
+    """
+    images = {"fake": fake}
+    if w.dis > 0:
+      images["real"] = target
+    if w.sim > 0:
+      images["source"] = source
+    score, feats = discriminate(d_params, jnp.concatenate(list(images.values())),
+                                dis_layers if w.sim > 0 else (), score=w.dis > 0)
+    splits = list(itertools.accumulate(len(x) for x in images.values()))[:-1]
+    split = lambda y: dict(zip(images, jnp.split(y, splits)))
+    terms = {}
+    if w.dis > 0:
+      scores = split(score)
+      terms["dis_real"] = losses.lsgan_loss(scores["real"], target_is_real=True) * w.dis
+      terms["dis_fake"] = losses.lsgan_loss(scores["fake"], target_is_real=False) * w.dis
+    if w.sim > 0:
+      per_image = [split(f) for f in feats]
+      terms["dis_sim"] = losses.feature_matching_loss(
+          [f["source"] for f in per_image], [f["fake"] for f in per_image], w.sim_type) * w.sim
+    return sum(terms.values()), terms
+
+  def reid_objective(reid_params, batch_stats, features, pids):
+    ce, triplet, acc, new_stats = reid_losses(models, reid_params, batch_stats, features, pids, w)
+    return ce + triplet, (ce, triplet, acc, new_stats)
+
+  def train_step(state: TrainState, batch, rng):
+    params, opt_state, batch_stats = dict(state.params), dict(state.opt_state), dict(state.batch_stats)
+    lrs = {name: fn(state.step) for name, fn in lr_fns.items()}
+    reid_gate = _reid_gate(config, state.step, steps_per_epoch)
+    metrics = {name: jnp.zeros((), jnp.float32) for name in LOSS_METRICS}
+    metrics["reid_acc"] = jnp.zeros((), jnp.float32)
+
+    # --- G, F (and R in the joint mode): one gradient, then their updates.
+    if train_generator:
+      trainable_names = ["generator"] + (["projector"] if use_nce else []) + (["reid"] if joint else [])
+      trainable = {name: params[name] for name in trainable_names}
+      frozen = {"discriminator": params["discriminator"], "reid_batch_stats": batch_stats["reid"]}
+      grads, (g_terms, fake, reid_input, aux) = jax.grad(generator_objective, has_aux=True)(
+          trainable, frozen, batch, rng, reid_gate)
+      metrics.update(g_terms)
+      for name in trainable_names:
+        new_params, new_opt_state = _update(optimizers[name], params[name], grads[name], opt_state[name],
+                                            lrs[name])
+        if name == "reid":
+          new_stats = aux["reid_batch_stats"]
+          if reid_gate is not None:  # before reid_start_epoch R is neither run nor updated (the original)
+            new_params, new_opt_state, new_stats = _select(
+                reid_gate > 0, (new_params, new_opt_state, new_stats),
+                (params[name], opt_state[name], batch_stats[name]))
+          batch_stats[name] = new_stats
+          metrics["reid_acc"] = aux["reid_acc"]
+        params[name], opt_state[name] = new_params, new_opt_state
+    else:  # no loss trains G: it only translates (for D) and encodes (for the disjoint R)
+      fake, source_feats = generate(params["generator"], batch["source"])
+      reid_input = source_feats[encoder_output]
+
+    # --- D on the stopped translations.
+    if train_discriminator:
+      d_grads, d_terms = jax.grad(discriminator_objective, has_aux=True)(
+          params["discriminator"], batch["source"], batch["target"], jax.lax.stop_gradient(fake))
+      metrics.update(d_terms)
+      params["discriminator"], opt_state["discriminator"] = _update(
+          optimizers["discriminator"], params["discriminator"], d_grads, opt_state["discriminator"],
+          lrs["discriminator"])
+
+    # --- Disjoint mode: R on the stopped encoder features, after D.
+    if disjoint:
+      r_grads, (ce, triplet, acc, new_stats) = jax.grad(reid_objective, has_aux=True)(
+          params["reid"], batch_stats["reid"], jax.lax.stop_gradient(reid_input), batch["pid"])
+      new_params, new_opt_state = _update(optimizers["reid"], params["reid"], r_grads, opt_state["reid"],
+                                          lrs["reid"])
+      gate = 1.0
+      if reid_gate is not None:
+        gate = reid_gate
+        new_params, new_opt_state, new_stats = _select(
+            reid_gate > 0, (new_params, new_opt_state, new_stats),
+            (params["reid"], opt_state["reid"], batch_stats["reid"]))
+      params["reid"], opt_state["reid"], batch_stats["reid"] = new_params, new_opt_state, new_stats
+      metrics.update(reid_ce=gate * ce, reid_triplet=gate * triplet, reid_acc=gate * acc)
+
+    metrics.update({learning_rate_metric(name): lr for name, lr in lrs.items()})
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_epoch):
+  """Direct transfer: ResNet-50 (stem + R) trained with the re-ID losses on the source images only."""
+  w = config.loss
+  if not (w.reid_ce > 0 or w.reid_triplet > 0):
+    raise ValueError("The resnet50 baseline trains with the re-ID losses only; set config.loss.reid_ce and/or "
+                     "config.loss.reid_triplet > 0.")
+
+  def objective(trainable, batch_stats, source, pids):
+    feats, stem_vars = models.stem.apply({"params": trainable["stem"], "batch_stats": batch_stats["stem"]},
+                                         source, train=True, mutable=["batch_stats"])
+    ce, triplet, acc, reid_stats = reid_losses(models, trainable["reid"], batch_stats["reid"], feats, pids, w)
+    return ce + triplet, (ce, triplet, acc, {"stem": stem_vars["batch_stats"], "reid": reid_stats})
+
+  def train_step(state: TrainState, batch, rng):
+    del rng  # nothing random in the baseline step
+    lrs = {name: fn(state.step) for name, fn in lr_fns.items()}
+    grads, (ce, triplet, acc, new_stats) = jax.grad(objective, has_aux=True)(
+        state.params, state.batch_stats, batch["source"], batch["pid"])
+    params, opt_state = {}, {}
+    for name in state.params:
+      params[name], opt_state[name] = _update(optimizers[name], state.params[name], grads[name],
+                                              state.opt_state[name], lrs[name])
+    gate = _reid_gate(config, state.step, steps_per_epoch)
+    if gate is not None:
+      params, opt_state, new_stats = _select(gate > 0, (params, opt_state, new_stats),
+                                             (state.params, state.opt_state, state.batch_stats))
+      ce, triplet, acc = gate * ce, gate * triplet, gate * acc
+    metrics = {name: jnp.zeros((), jnp.float32) for name in LOSS_METRICS}
+    metrics.update(reid_ce=ce, reid_triplet=triplet, reid_acc=acc, lr_reid=lrs["reid"])
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_per_epoch: int,
+                    mesh) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """The jitted step (state, batch, rng) -> (state, metrics) over `mesh`: state replicated (and donated), batch
+  {"source" (B,H,W,3), "pid" (B,), "target" (B,H,W,3)} split over the "data" axis, rng replicated.
+
+  Metrics are global scalars: the weighted loss terms (LOSS_METRICS, 0 when off), reid_acc (percent) and
+  lr_<network> for every trained network.
+  """
+  check_batch_size(config.train.batch_size, mesh)
+  lr_fns = {name: optim.create_learning_rate_fn(config.optim[OPTIMIZER_CONFIG[name]], steps_per_epoch)
+            for name in optimizers}
+  make = _make_baseline_step if config.model.backbone == "resnet50" else _make_method_step
+  step = make(config, models, optimizers, lr_fns, steps_per_epoch)
+  replicated = replicated_sharding(mesh)
+  return jax.jit(step, in_shardings=(replicated, batch_sharding(mesh), replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)

@@ -1,0 +1,326 @@
+"""Evaluation: distances, CMC / mAP (Market, CUHK03) and re-ranking against straightforward references."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from synth_reid_jax import evaluation
+
+# ----------------------------------------------------------------------------------------------------------
+# Straightforward references, one query (or one row) at a time, written from the protocol's definition.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kept_labels(dist_row, q_pid, q_cam, g_pids, g_cams, kind=None):
+  """Match labels of the gallery in ranking order (np.argsort), same pid + camid removed."""
+  order = np.argsort(dist_row, kind=kind)
+  kept = [g for g in order if not (g_pids[g] == q_pid and g_cams[g] == q_cam)]
+  return [int(g_pids[g] == q_pid) for g in kept], [g_pids[g] for g in kept]
+
+
+def average_precision(labels):
+  hits, precisions = 0, []
+  for position, label in enumerate(labels, start=1):
+    if label:
+      hits += 1
+      precisions.append(hits / position)
+  return sum(precisions) / len(precisions)
+
+
+def reference_market(dist, q_pids, g_pids, q_cams, g_cams, max_rank, kind=None):
+  curves, aps = [], []
+  for q in range(dist.shape[0]):
+    labels, _ = kept_labels(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, kind)
+    if not any(labels):
+      continue
+    first = labels.index(1)
+    curves.append([1.0 if k >= first else 0.0 for k in range(max_rank)])
+    aps.append(average_precision(labels))
+  return np.mean(curves, axis=0), float(np.mean(aps))
+
+
+def reference_cuhk03(dist, q_pids, g_pids, q_cams, g_cams, max_rank, repeats=10):
+  """One random image per gallery identity (identities in order of first appearance), np.random.choice."""
+  curves, aps = [], []
+  for q in range(dist.shape[0]):
+    labels, pids = kept_labels(dist[q], q_pids[q], q_cams[q], g_pids, g_cams)
+    if not any(labels):
+      continue
+    positions_of = {}
+    for position, pid in enumerate(pids):
+      positions_of.setdefault(pid, []).append(position)
+    curve = np.zeros(max_rank)
+    for _ in range(repeats):
+      picked = sorted(np.random.choice(positions) for positions in positions_of.values())
+      first = [labels[p] for p in picked].index(1)
+      curve += [1.0 if k >= first else 0.0 for k in range(max_rank)]
+    curves.append(curve / repeats)
+    aps.append(average_precision(labels))
+  return np.mean(curves, axis=0), float(np.mean(aps))
+
+
+def random_problem(rng, num_q, num_g, num_ids, num_cams=3, ties=False):
+  q_pids = rng.integers(0, num_ids, num_q)
+  g_pids = rng.integers(0, num_ids, num_g)
+  q_cams = rng.integers(0, num_cams, num_q)
+  g_cams = rng.integers(0, num_cams, num_g)
+  if ties:  # few distinct values: many ties between matches and non-matches
+    dist = rng.integers(0, 4, (num_q, num_g)).astype(np.float32)
+  else:
+    dist = rng.random((num_q, num_g), dtype=np.float32)
+  return dist, q_pids, g_pids, q_cams, g_cams
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate_rank, Market protocol
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_hand_computed_example():
+  # gallery:        g0        g1        g2        g3        g4
+  g_pids = np.array([1, 1, 2, 1, 3])
+  g_cams = np.array([0, 1, 1, 2, 0])
+  q_pids, q_cams = np.array([1, 2, 9]), np.array([0, 0, 0])
+  dist = np.array([[0.1, 0.5, 0.2, 0.4, 0.3],  # g0 same pid+cam (dropped); kept order g2 g4 g3 g1 -> 0 0 1 1
+                   [0.3, 0.2, 0.1, 0.4, 0.5],  # g2 first -> 1 0 0 0 0
+                   [0.1, 0.2, 0.3, 0.4, 0.5]],  # pid 9 is not in the gallery: skipped
+                  np.float32)
+  cmc, mean_ap = evaluation.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=4)
+  np.testing.assert_array_equal(cmc, np.array([0.5, 0.5, 1.0, 1.0], np.float32))
+  ap_first = (1 / 3 + 2 / 4) / 2
+  assert mean_ap == pytest.approx((ap_first + 1.0) / 2, abs=1e-15)
+  assert cmc.dtype == np.float32 and isinstance(mean_ap, float)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_market_matches_reference(seed, ties):
+  rng = np.random.default_rng(seed)
+  num_q, num_g = int(rng.integers(1, 25)), int(rng.integers(30, 80))
+  problem = random_problem(rng, num_q, num_g, num_ids=int(rng.integers(2, 10)), ties=ties)
+  if seed % 2:  # distractor-like identities that no query has
+    problem[2][: num_g // 4] = -1
+  max_rank = 10
+  try:
+    expected = reference_market(*problem, max_rank)
+  except ZeroDivisionError:
+    pytest.skip("no valid query drawn")
+  cmc, mean_ap = evaluation.evaluate_rank(*problem, max_rank=max_rank)
+  np.testing.assert_allclose(cmc, expected[0], rtol=0, atol=1e-6)
+  assert mean_ap == pytest.approx(expected[1], abs=1e-12)
+
+
+def test_ties_follow_argsort_order():
+  """A match tied with a non-match: argsort's order decides the numbers, and is reproduced."""
+  rng = np.random.default_rng(0)
+  num_g = 500
+  dist = rng.integers(0, 3, (6, num_g)).astype(np.float32)  # heavy ties
+  g_pids = rng.integers(0, 4, num_g)
+  g_cams = np.ones(num_g, np.int64)
+  q_pids, q_cams = np.arange(6) % 4, np.zeros(6, np.int64)
+  cmc, mean_ap = evaluation.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=5)
+  expected = reference_market(dist, q_pids, g_pids, q_cams, g_cams, 5)
+  np.testing.assert_allclose(cmc, expected[0], atol=1e-6)
+  assert mean_ap == pytest.approx(expected[1], abs=1e-12)
+  # a stable sort gives other numbers here, so the tie order is really being tested
+  stable = reference_market(dist, q_pids, g_pids, q_cams, g_cams, 5, kind="stable")
+  assert stable[1] != pytest.approx(mean_ap, abs=1e-6)
+
+
+def test_large_rows_with_few_ties_match_reference():
+  """Realistic sizes: counting path for most rows, argsort fallback for rows with a tie or a NaN."""
+  rng = np.random.default_rng(3)
+  dist, q_pids, g_pids, q_cams, g_cams = random_problem(rng, 40, 3000, num_ids=60, num_cams=6)
+  dist = np.round(dist * 2000) / 2000  # some exact ties
+  dist[5, 7] = np.nan
+  cmc, mean_ap = evaluation.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50)
+  expected = reference_market(dist, q_pids, g_pids, q_cams, g_cams, 50)
+  np.testing.assert_allclose(cmc, expected[0], atol=1e-6)
+  assert mean_ap == pytest.approx(expected[1], abs=1e-12)
+
+
+def test_float64_and_integer_distances():
+  rng = np.random.default_rng(4)
+  dist, *ids = random_problem(rng, 10, 50, num_ids=5)
+  expected = reference_market(dist.astype(np.float64), *ids, 10)
+  cmc, mean_ap = evaluation.evaluate_rank(dist.astype(np.float64), *ids, max_rank=10)
+  np.testing.assert_allclose(cmc, expected[0], atol=1e-6)
+  assert mean_ap == pytest.approx(expected[1], abs=1e-12)
+  int_dist = (dist * 5).astype(np.int64)
+  cmc, mean_ap = evaluation.evaluate_rank(int_dist, *ids, max_rank=10)
+  expected = reference_market(int_dist, *ids, 10)
+  np.testing.assert_allclose(cmc, expected[0], atol=1e-6)
+  assert mean_ap == pytest.approx(expected[1], abs=1e-12)
+
+
+def test_small_gallery_warns_and_shortens_the_curve():
+  rng = np.random.default_rng(5)
+  problem = random_problem(rng, 8, 12, num_ids=3)
+  with pytest.warns(UserWarning, match="max_rank=50"):
+    cmc, _ = evaluation.evaluate_rank(*problem)
+  assert cmc.shape == (12,)
+  assert cmc[-1] == 1.0
+
+
+def test_no_valid_query_is_an_error():
+  dist = np.zeros((2, 3), np.float32)
+  with pytest.raises(ValueError, match="No query has a correct match"):
+    evaluation.evaluate_rank(dist, [1, 2], [3, 4, 5], [0, 0], [1, 1, 1], max_rank=3)
+  with pytest.raises(ValueError, match="No query has a correct match"):  # only same-camera matches
+    evaluation.evaluate_rank(dist, [1, 2], [1, 2, 5], [0, 0], [0, 0, 1], max_rank=3)
+
+
+def test_bad_shapes_are_errors():
+  with pytest.raises(ValueError, match="g_pids has 2 entries"):
+    evaluation.evaluate_rank(np.zeros((2, 3)), [1, 2], [1, 2], [0, 0], [1, 1, 1], max_rank=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate_rank, CUHK03 single-gallery-shot
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_cuhk03_matches_reference_with_the_same_random_draws(seed, ties):
+  rng = np.random.default_rng(100 + seed)
+  problem = random_problem(rng, int(rng.integers(2, 15)), int(rng.integers(40, 70)), num_ids=8, ties=ties)
+  max_rank = 5  # < number of gallery identities, so every curve is complete
+  np.random.seed(seed)
+  expected = reference_cuhk03(*problem, max_rank)
+  after_reference = np.random.random()
+  np.random.seed(seed)
+  cmc, mean_ap = evaluation.evaluate_rank(*problem, max_rank=max_rank, use_metric_cuhk03=True)
+  np.testing.assert_allclose(cmc, expected[0], atol=1e-6)
+  assert mean_ap == pytest.approx(expected[1], abs=1e-12)
+  assert np.random.random() == after_reference  # the global stream was consumed exactly as the reference
+
+
+def test_cuhk03_with_one_image_per_identity_equals_market():
+  rng = np.random.default_rng(7)
+  num_g = 30
+  dist = rng.random((12, num_g), dtype=np.float32)
+  g_pids, g_cams = np.arange(num_g), np.ones(num_g, np.int64)
+  q_pids, q_cams = rng.integers(0, num_g, 12), np.zeros(12, np.int64)
+  market = evaluation.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10)
+  cuhk03 = evaluation.evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=10, use_metric_cuhk03=True)
+  np.testing.assert_allclose(cuhk03[0], market[0], atol=1e-6)
+  assert cuhk03[1] == pytest.approx(market[1], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distances
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_distance_matrix_definitions():
+  rng = np.random.default_rng(8)
+  a, b = rng.standard_normal((7, 16)), rng.standard_normal((11, 16))
+  squared = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+  np.testing.assert_allclose(evaluation.distance_matrix(a, b), squared, rtol=1e-5, atol=1e-4)
+  an = a / np.linalg.norm(a, axis=1, keepdims=True)
+  bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+  np.testing.assert_allclose(evaluation.distance_matrix(a, b, "cosine"), 1 - an @ bn.T, atol=1e-6)
+  assert evaluation.distance_matrix(a, b).dtype == np.float32
+  # a zero feature is normalised with torch's eps (no NaN)
+  assert np.all(evaluation.distance_matrix(np.zeros((1, 16)), b, "cosine") == 1.0)
+  with pytest.raises(ValueError, match="Unknown distance metric"):
+    evaluation.distance_matrix(a, b, "manhattan")
+
+
+@pytest.mark.parametrize("metric", evaluation.DISTANCE_METRICS)
+def test_distance_matrix_chunking_invariance(metric):
+  rng = np.random.default_rng(9)
+  a, b = rng.standard_normal((23, 32)).astype(np.float32), rng.standard_normal((17, 32)).astype(np.float32)
+  whole = evaluation.distance_matrix(a, b, metric, chunk_size=1000)
+  for chunk_size in (1, 5, 22):
+    np.testing.assert_allclose(evaluation.distance_matrix(a, b, metric, chunk_size=chunk_size), whole,
+                               rtol=1e-6, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Re-ranking
+# ----------------------------------------------------------------------------------------------------------
+
+
+def reference_re_ranking(q_g, q_q, g_g, k1, k2, lam):
+  """Zhong et al.'s k-reciprocal re-ranking, written densely one row at a time."""
+  num_q = q_g.shape[0]
+  full = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64)
+  d = np.square(full).astype(np.float32)
+  d = (d / d.max(axis=0)).T  # row i scaled by the largest squared distance of image i
+  num = d.shape[0]
+  rank = np.argsort(d, axis=1)
+
+  def reciprocal(i, k):
+    return {int(j) for j in rank[i, :k + 1] if i in rank[j, :k + 1]}
+
+  half = int(np.around(k1 / 2))
+  weights = np.zeros((num, num))
+  for i in range(num):
+    r = reciprocal(i, k1)
+    expanded = set(r)
+    for c in r:
+      rc = reciprocal(c, half)
+      if len(rc & r) > 2 / 3 * len(rc):
+        expanded |= rc
+    idx = np.array(sorted(expanded))
+    w = np.exp(-d[i, idx].astype(np.float64))
+    weights[i, idx] = w / w.sum()
+  if k2 != 1:
+    weights = np.stack([weights[rank[i, :k2]].mean(axis=0) for i in range(num)])
+  jaccard = np.zeros((num_q, num))
+  for i in range(num_q):
+    shared = np.minimum(weights[i][None, :], weights).sum(axis=1)
+    jaccard[i] = 1 - shared / (2 - shared)
+  final = jaccard * (1 - lam) + d[:num_q] * lam
+  return final[:, num_q:]
+
+
+@pytest.mark.parametrize("k1,k2", [(20, 6), (5, 2), (4, 1)])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_re_ranking_matches_reference(k1, k2, duplicates):
+  rng = np.random.default_rng(k1 + k2)
+  qf, gf = rng.standard_normal((9, 8)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
+  if duplicates:  # identical images: ties in the neighbour lists
+    gf[20:30] = gf[:10]
+    qf[:4] = gf[:4]
+  q_g, q_q, g_g = (evaluation.distance_matrix(x, y) for x, y in ((qf, gf), (qf, qf), (gf, gf)))
+  ours = evaluation.re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=0.3)
+  assert ours.shape == (9, 40) and ours.dtype == np.float32
+  np.testing.assert_allclose(ours, reference_re_ranking(q_g, q_q, g_g, k1, k2, 0.3), atol=1e-5)
+
+
+def test_re_ranking_shape_errors():
+  with pytest.raises(ValueError, match="g_g_dist"):
+    evaluation.re_ranking(np.zeros((2, 3)), np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The trainer's helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_compute_metrics_and_results_table():
+  rng = np.random.default_rng(11)
+  centres = rng.standard_normal((5, 16)).astype(np.float32)
+  q_pids, g_pids = np.arange(10) % 5, np.arange(60) % 5
+  qf = centres[q_pids] + 0.3 * rng.standard_normal((10, 16)).astype(np.float32)
+  gf = centres[g_pids] + 0.3 * rng.standard_normal((60, 16)).astype(np.float32)
+  q_cams, g_cams = np.zeros(10, np.int64), np.ones(60, np.int64)
+  results = evaluation.compute_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, metric="cosine",
+                                       normalize=True)
+  assert set(results) == {"mAP", "cmc", "num_query", "num_gallery"}
+  assert (results["num_query"], results["num_gallery"], len(results["cmc"])) == (10, 60, 50)
+  assert results["mAP"] == pytest.approx(1.0) and results["cmc"][0] == 1.0  # well-separated identities
+  reranked = evaluation.compute_metrics(qf, gf, q_pids, g_pids, q_cams, g_cams, rerank=True,
+                                        cuhk03_metric=False, ranks=(1, 5))
+  assert 0.0 < reranked["mAP"] <= 1.0
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a gallery smaller than 50 shortens the curve without a warning
+    small = evaluation.compute_metrics(qf, gf[:20], q_pids, g_pids[:20], q_cams, g_cams[:20])
+  assert len(small["cmc"]) == 20
+  table = evaluation.format_results(results, ranks=(1, 5, 10, 20), name="market1501")
+  assert table.splitlines() == ["** Results (market1501) **", "mAP: 100.0%", "CMC curve", "Rank-1  : 100.0%",
+                                "Rank-5  : 100.0%", "Rank-10 : 100.0%", "Rank-20 : 100.0%"]

@@ -1,0 +1,261 @@
+"""The trainer end to end on fake dataset trees: train, resume, eval, translate, extract; clear errors."""
+
+import json
+import os
+import shutil
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import fakes  # noqa: E402
+
+from configs import gta2duke  # noqa: E402
+from synth_reid_jax import checkpointing, metric_writer, sharding, train_step, trainer  # noqa: E402
+from synth_reid_jax.train_state import TrainState  # noqa: E402
+
+LOSSES = train_step.LOSS_METRICS
+LEARNING_RATES = ("lr_generator", "lr_discriminator", "lr_projector", "lr_reid")
+CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+  """(manual_dir with every fake release, a data_dir shared by the module's runs)."""
+  root = tmp_path_factory.mktemp("data")
+  return fakes.make_all(str(root / "manual")), str(root / "tfds")
+
+
+def tiny_config(data_dirs, **train):
+  config = gta2duke.get_config("tiny")
+  config.data.manual_dir, config.data.data_dir = data_dirs
+  config.data.eval_datasets = ("market1501",)
+  config.train.keep_checkpoints = 10
+  for key, value in train.items():
+    config.train[key] = value
+  return config
+
+
+def rows_by_step(workdir):
+  return {row["step"]: row for row in metric_writer.read_metrics(str(workdir))}
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for the module: the resumed run reuses the first run's executables."""
+  previous = {key: getattr(jax.config, key) for key in CACHE_OPTIONS}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  yield
+  for key, value in previous.items():
+    jax.config.update(key, value)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dirs, tmp_path_factory, compilation_cache):
+  """A 4-step run (checkpoints at 2 and 4), then the same run resumed from step 2 in a copy of its workdir."""
+  del compilation_cache
+  root = tmp_path_factory.mktemp("runs")
+  straight, resumed = root / "straight", root / "resumed"
+  trainer.train_and_evaluate(tiny_config(data_dirs), str(straight))
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / checkpointing.CHECKPOINT_DIR / "4")
+  trainer.train_and_evaluate(tiny_config(data_dirs), str(resumed))
+  return straight, resumed
+
+
+@pytest.mark.slow
+def test_train_writes_the_workdir_layout(trained):
+  straight, _ = trained
+  assert sorted(os.listdir(straight)) == ["checkpoints", "config.json", "eval", "metrics.jsonl", "samples",
+                                          "tensorboard"]
+  assert sorted(os.listdir(straight / "checkpoints")) == ["2", "4"]
+  assert sorted(os.listdir(straight / "samples")) == ["step_00000002.png", "step_00000004.png"]
+  grid = Image.open(straight / "samples" / "step_00000002.png")
+  # Rows of 4 images: source, G(source), target.
+  assert 3 * 32 < grid.height < 4 * 32 and 4 * 16 <= grid.width < 5 * 16
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(straight / "tensorboard"))
+  assert json.load(open(straight / "config.json"))["data"]["target"] == "dukemtmc_reid"
+
+
+@pytest.mark.slow
+def test_metrics_rows_hold_every_finite_loss(trained):
+  rows = rows_by_step(trained[0])
+  assert sorted(rows) == [1, 2, 3, 4]
+  for row in rows.values():
+    for key in (*LOSSES, *LEARNING_RATES, "reid_acc", "images_per_sec", "epoch"):
+      assert np.isfinite(row[key]), key
+    assert row["images_per_sec"] > 0
+  for key in ("gen_gan", "nce", "gen_sim", "dis_real", "dis_fake", "dis_sim", "reid_ce"):
+    assert rows[1][key] > 0, key  # every loss of the thesis setting is on
+  assert rows[1]["lr_reid"] == pytest.approx(2e-4)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_run(trained):
+  straight, resumed = trained
+  a, b = rows_by_step(straight), rows_by_step(resumed)
+  assert sorted(b) == [1, 2, 3, 4]  # rows 3-4 of the interrupted run were replaced, not duplicated
+  with open(resumed / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+  for step in (3, 4):  # same data, same rng: the resumed steps repeat the straight run's numbers
+    for key in LOSSES:
+      assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+@pytest.mark.slow
+def test_eval_json_and_eval_mode(trained, data_dirs):
+  straight, _ = trained
+  results = json.load(open(straight / "eval" / "market1501.json"))
+  assert set(results) == {"dataset", "step", "mAP", "cmc", "num_query", "num_gallery"}
+  assert results["dataset"] == "market1501" and results["step"] == 4
+  assert (results["num_query"], results["num_gallery"]) == (4, 8)  # fakes.MARKET_EXPECTED
+  assert 0 <= results["mAP"] <= 1 and np.all(np.diff(results["cmc"]) >= 0) and results["cmc"][-1] == 1.0
+  again = trainer.evaluate(tiny_config(data_dirs), str(straight), step=4)["market1501"]
+  assert again["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
+  assert again["cmc"] == pytest.approx(results["cmc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_translate_and_extract(trained, data_dirs, tmp_path):
+  straight, _ = trained
+  inputs = tmp_path / "in"
+  names = ["0001_c2s1_000301_01.jpg", "sub/42647445_sd000c08_0396.png", "sub/other.png"]
+  for name in names:
+    os.makedirs(os.path.dirname(inputs / name), exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 20, 3), np.uint8)).save(inputs / name)
+  config = tiny_config(data_dirs)
+  trainer.translate(config, str(straight), str(inputs), str(tmp_path / "out"))
+  for name in names:
+    image = Image.open(tmp_path / "out" / name)
+    assert image.size == (config.data.width, config.data.height)
+  trainer.extract(config, str(straight), str(inputs), str(tmp_path / "feats.npz"))
+  out = np.load(tmp_path / "feats.npz")
+  assert list(out["paths"]) == sorted(names)
+  assert out["features"].shape == (3, 8 * 8 * 4) and out["features"].dtype == np.float32
+  assert list(out["pids"]) == [1, 42647445, -1] and list(out["camids"]) == [1, 7, -1]
+
+
+def test_eval_without_checkpoint_is_a_clear_error(data_dirs, tmp_path):
+  with pytest.raises(FileNotFoundError, match="No checkpoint in .*Train first"):
+    trainer.evaluate(tiny_config(data_dirs), str(tmp_path))
+
+
+def test_workdir_from_another_config_is_refused(data_dirs, tmp_path):
+  config = tiny_config(data_dirs)
+  trainer.write_config(config, str(tmp_path))
+  other = tiny_config(data_dirs)
+  other.model.ngf = 16
+  other.data.source = "market1501"
+  with pytest.raises(ValueError, match=r"model.ngf: 8 in .*config.json, 16 now[\s\S]*data.source"):
+    trainer.train_and_evaluate(other, str(tmp_path))
+  trainer.check_workdir_config(tiny_config(data_dirs), str(tmp_path))  # the same config is fine
+
+
+def test_unknown_dataset_and_batch_size_fail_before_compiling(data_dirs, tmp_path):
+  config = tiny_config(data_dirs)
+  config.data.eval_datasets = ("market",)
+  with pytest.raises(ValueError, match="config.data.eval_datasets='market' is not a dataset"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config(data_dirs)
+  config.train.batch_size = 6
+  with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 devices"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_parse_identity():
+  assert trainer.parse_identity("0002_c1s1_000451_03.jpg") == (2, 0)
+  assert trainer.parse_identity("a/-1_c4s1_009451_01.jpg") == (-1, 3)
+  assert trainer.parse_identity("42647445_sd000c08_0396.jpeg") == (42647445, 7)
+  assert trainer.parse_identity("0001_c2_f0046182.jpg") == (1, 1)
+  assert trainer.parse_identity("holiday.png") == (-1, -1)
+
+
+def test_metric_writer_truncates_on_resume(tmp_path):
+  with metric_writer.MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    for step in (1, 2, 3):
+      writer.write_scalars(step, {"nce": 1.0 * step, "epoch": 1, "bad": float("nan")})
+  rows = metric_writer.read_metrics(str(tmp_path))
+  assert rows[0] == {"step": 1, "nce": 1.0, "epoch": 1, "bad": None}
+  with metric_writer.MetricWriter(str(tmp_path), tensorboard=False, initial_step=2) as writer:
+    writer.write_scalars(3, {"nce": 9.0})
+  assert [(r["step"], r["nce"]) for r in metric_writer.read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0),
+                                                                                          (3, 9.0)]
+
+
+def test_skip_nonfinite_keeps_the_state():
+  mesh = sharding.create_mesh()
+
+  def step(state, batch, rng):
+    del rng
+    loss = jnp.sum(batch["source"])
+    new = state.replace(step=state.step + 1, params={"w": state.params["w"] + loss})
+    return new, {"nce": loss, "lr_reid": jnp.float32(1.0)}
+
+  guarded = trainer.skip_nonfinite(jax.jit(step), mesh)
+  state = sharding.replicate(TrainState(step=jnp.int32(0), params={"w": jnp.ones(3)}, batch_stats={},
+                                        opt_state={}), mesh)
+  good = sharding.make_global_batch({"source": np.ones((4, 1), np.float32)}, mesh)
+  bad = sharding.make_global_batch({"source": np.full((4, 1), np.nan, np.float32)}, mesh)
+  state, _ = guarded(state, good, jax.random.key(0))
+  state, metrics = guarded(state, bad, jax.random.key(0))
+  assert int(state.step) == 2 and np.isnan(metrics["nce"])
+  np.testing.assert_array_equal(state.params["w"], 5.0)
+  assert trainer.nonfinite_losses(jax.device_get(metrics)) == ["nce"]
+
+
+def fake_step_factory(on_call):
+  """A make_train_step stand-in: no compilation, scripted losses; `on_call(n)` runs at the n-th call."""
+  def make(config, models, optimizers, steps_per_epoch, mesh):
+    calls = []
+
+    def step(state, batch, rng):
+      calls.append(1)
+      loss = on_call(len(calls))
+      metrics = {k: np.float32(loss) for k in LOSSES} | {k: np.float32(2e-4) for k in LEARNING_RATES}
+      return state.replace(step=state.step + 1), metrics | {"reid_acc": np.float32(0)}
+    return step
+  return make
+
+
+def fake_train_state(config, rng, num_classes):
+  """A create_train_state stand-in: a tiny state, nothing to compile."""
+  del config, rng
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={"reid": {"w": jnp.zeros((2, num_classes))}},
+                     batch_stats={}, opt_state={})
+  return state, {}
+
+
+def run_scripted(data_dirs, workdir, monkeypatch, on_call, **train):
+  """The real loop (data, checkpoints, metrics, signals) around a scripted step; no sample grids."""
+  monkeypatch.setattr(train_step, "make_train_step", fake_step_factory(on_call))
+  monkeypatch.setattr(trainer.train_state, "create_train_state", fake_train_state)
+  return trainer.train_and_evaluate(tiny_config(data_dirs, sample_every_steps=100, **train), str(workdir))
+
+
+def test_nonfinite_loss_stops_naming_the_loss_and_step(data_dirs, tmp_path, monkeypatch):
+  message = r"Non-finite loss at step 3 .*gen_gan = nan.*checkpoint \(step 2\)"
+  with pytest.raises(FloatingPointError, match=message):
+    run_scripted(data_dirs, tmp_path, monkeypatch, lambda n: np.nan if n == 3 else 1.0)
+  assert sorted(rows_by_step(tmp_path)) == [1, 2]
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(data_dirs, tmp_path, monkeypatch):
+  def on_call(n):
+    if n == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return 1.0
+  previous = signal.getsignal(signal.SIGTERM)
+  state = run_scripted(data_dirs, tmp_path, monkeypatch, on_call, checkpoint_every_steps=100)
+  assert int(state.step) == 1
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+  assert sorted(rows_by_step(tmp_path)) == [1]
+  assert signal.getsignal(signal.SIGTERM) == previous  # the trainer's handler is gone again
