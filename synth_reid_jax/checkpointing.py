@@ -57,7 +57,7 @@ def _shapes(tree):
 
 
 def check_compatible(template, stored, where):
-  """Raises naming every key whose shape differs (or is missing) between a checkpoint and the current model."""
+  """Raises naming every key whose shape differs (or that is missing) between a checkpoint and the model."""
   want, have = _shapes(template), _shapes(stored)
   problems = []
   for key in sorted(set(want) | set(have)):
@@ -190,7 +190,7 @@ class Checkpointer:
     return state.replace(**fields), rng, restored[METADATA]
 
   def restore_variables(self, variables, *, step=None, networks=None):
-    """Restores {"params", "batch_stats"} of `networks` (default: all in `variables`) into `variables`' shardings.
+    """Restores {"params", "batch_stats"} of `networks` (default: all of `variables`) into their shardings.
 
     Reads train and inference checkpoints alike. Networks not asked for are neither checked nor returned
     (eval needs only the generator or stem and the re-ID network). -> (variables, metadata).
@@ -198,13 +198,15 @@ class Checkpointer:
     step = self.resolve_step(step)
     stored = self._manager.item_metadata(step)[MODEL].tree
     networks = set(networks or {net for collection in variables.values() for net in collection})
-    wanted = {col: {net: tree for net, tree in variables[col].items() if net in networks} for col in variables}
-    check_compatible(wanted, {col: {net: tree for net, tree in stored.get(col, {}).items() if net in networks}
-                              for col in variables}, f"{self.directory}/{step}")
+    select = lambda tree: {col: {net: t for net, t in tree.get(col, {}).items() if net in networks}
+                           for col in variables}
+    wanted = select(variables)
+    check_compatible(wanted, select(stored), f"{self.directory}/{step}")
     # Orbax restores whole items: networks not asked for are read as stored and dropped.
     fallback = jax.tree.leaves(variables)[0].sharding
-    target = {col: {net: _abstract(wanted[col][net]) if net in networks
-                    else jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=fallback), tree)
+    as_stored = lambda tree: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=fallback), tree)
+    target = {col: {net: _abstract(wanted[col][net]) if net in networks else as_stored(tree)
                     for net, tree in stored[col].items()} for col in stored}
     restored = self._manager.restore(step, args=ocp.args.Composite(**{
         MODEL: ocp.args.StandardRestore(target), METADATA: ocp.args.JsonRestore()}))

@@ -102,7 +102,7 @@ def distance_matrix(a, b, metric: str = "euclidean", *, chunk_size: int | None =
   """(len(a), len(b)) float32 distances with torchreid's definitions.
 
   euclidean: the *squared* distance ||a||^2 + ||b||^2 - 2 a.b (as torchreid's addmm); cosine: 1 - a_n.b_n with
-  L2-normalised rows. Runs on JAX's default device (on CPU faster than NumPy's BLAS, see
+  L2-normalised rows. Runs on JAX's default device (on CPU as fast as or faster than NumPy's BLAS, see
   benchmarks/evaluation.py) over chunks of `chunk_size` rows of `a`, all of one padded shape (one
   compilation); only the output, `b` and one chunk are in memory.
   """

@@ -45,7 +45,7 @@ def make_feature_fn(models, config, mesh):
                  out_shardings=sharding.batch_sharding(mesh))
 
 
-def _to_host(x):
+def to_host(x):
   """A global array (or this process's numpy share) as the whole batch in numpy, on every process."""
   if jax.process_count() == 1:
     return np.asarray(x)
@@ -63,9 +63,9 @@ def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")
 
   def collect(result):
     features, batch = result
-    outputs["features"].append(_to_host(features))
+    outputs["features"].append(to_host(features))
     for key in ("mask", "index", *keys):
-      outputs[key].append(_to_host(np.asarray(batch[key])))
+      outputs[key].append(to_host(np.asarray(batch[key])))
 
   for batch in batches:
     images = sharding.make_global_batch(np.asarray(batch["image"], np.float32), mesh)

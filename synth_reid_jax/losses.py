@@ -1,4 +1,4 @@
-"""The method's losses as pure functions: LSGAN, PatchNCE, discriminator feature matching, re-ID CE and triplet.
+"""The method's losses as pure functions: LSGAN, PatchNCE, discriminator feature matching, re-ID CE, triplet.
 
 Every loss computes in float32 whatever the compute dtype of its inputs, and returns float32.
 """
@@ -39,8 +39,8 @@ def patch_nce_loss(feat_q, feat_k, batch_size: int, temperature: float = 0.07):
     raise ValueError(f"patch_nce_loss needs queries and keys of the same (N*P, D) shape, got {feat_q.shape} "
                      f"and {feat_k.shape}.")
   if feat_q.shape[0] % batch_size:
-    raise ValueError(f"patch_nce_loss: {feat_q.shape[0]} patches is not a multiple of batch_size={batch_size}; "
-                     "pass the number of images the patches were sampled from.")
+    raise ValueError(f"patch_nce_loss: {feat_q.shape[0]} patches is not a multiple of "
+                     f"batch_size={batch_size}; pass the number of images the patches were sampled from.")
   dim = feat_q.shape[1]
   l_pos = jnp.sum(feat_q * feat_k, axis=-1, keepdims=True)  # (N*P, 1)
   q = feat_q.reshape(batch_size, -1, dim)
@@ -80,7 +80,7 @@ def feature_matching_loss(feats_a: Sequence, feats_b: Sequence, kind: str = "fea
 
 
 def cross_entropy_loss(logits, labels, label_smoothing: float = 0.1):
-  """Cross-entropy with label smoothing as torchreid: targets (1 - eps) * onehot + eps / K, mean over the batch."""
+  """Cross-entropy with label smoothing as torchreid: targets (1 - eps) * onehot + eps / K, batch mean."""
   logits = _f32(logits)
   num_classes = logits.shape[-1]
   targets = (1.0 - label_smoothing) * jax.nn.one_hot(labels, num_classes) + label_smoothing / num_classes

@@ -34,7 +34,7 @@ def _torch_adam(learning_rate, b1, b2, eps, weight_decay, frozen):
 
 def torch_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                weight_decay: float = 0.0, frozen: Any = None) -> optax.GradientTransformation:
-  """torch.optim.Adam with L2 `weight_decay`; `frozen` (bool pytree or params -> bool pytree) masks leaves out.
+  """torch.optim.Adam with L2 `weight_decay`; `frozen` (bool pytree, or params -> bool pytree) masks leaves.
 
   Frozen leaves get neither an update nor weight decay. The learning rate is a hyperparameter of the state:
   change it with `set_learning_rate`.
@@ -45,8 +45,8 @@ def torch_adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: fl
 
 def create_optimizer(optim_config, frozen: Any = None) -> optax.GradientTransformation:
   """The torch-style Adam of one model from its `config.optim.<model>` block."""
-  return torch_adam(learning_rate=optim_config.lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                    weight_decay=optim_config.weight_decay, frozen=frozen)
+  return torch_adam(learning_rate=optim_config.lr, b1=optim_config.b1, b2=optim_config.b2,
+                    eps=optim_config.eps, weight_decay=optim_config.weight_decay, frozen=frozen)
 
 
 def set_learning_rate(opt_state, learning_rate):

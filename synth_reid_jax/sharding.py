@@ -1,4 +1,4 @@
-"""Data parallelism: a 1-D device mesh, the replicated train state and global batches from per-process data."""
+"""Data parallelism: a 1-D device mesh, the replicated train state, global batches from per-process data."""
 
 from collections.abc import Sequence
 
@@ -38,8 +38,8 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   num_devices = mesh.devices.size
   if global_batch_size % num_devices:
     raise ValueError(
-        f"The global batch size {global_batch_size} is not divisible by the {num_devices} devices of the mesh; "
-        f"set config.train.batch_size to a multiple of {num_devices} (or run on fewer devices).")
+        f"The global batch size {global_batch_size} is not divisible by the {num_devices} devices of the "
+        f"mesh; set config.train.batch_size to a multiple of {num_devices} (or run on fewer devices).")
 
 
 def make_global_batch(local_batch, mesh: Mesh):

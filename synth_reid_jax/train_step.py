@@ -46,9 +46,12 @@ def _update(optimizer, params, grads, opt_state, learning_rate):
   return optax.apply_updates(params, updates), opt_state
 
 
-def _select(pred, on_true, on_false):
-  """Leaf-wise jnp.where over two trees of the same structure."""
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+def _gated(reid_gate, new, old):
+  """`new` once the re-ID loss is on, else `old`: before reid_start_epoch the original neither runs nor
+  updates R (params, optimizer state and BatchNorm statistics stay)."""
+  if reid_gate is None:
+    return new
+  return jax.tree.map(lambda a, b: jnp.where(reid_gate > 0, a, b), new, old)
 
 
 def top1_accuracy(logits, labels):
@@ -126,8 +129,8 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
     fake, source_feats = generate(trainable["generator"], source)  # G(s) and the encoder features of s
     # GAN: D should score G(s) as real; feature matching pulls D's features of G(s) towards those of r.
     if w.gan > 0 or w.sim > 0:
-      fake_score, fake_dis_feats = discriminate(frozen["discriminator"], fake, dis_layers if w.sim > 0 else (),
-                                                score=w.gan > 0)
+      fake_score, fake_dis_feats = discriminate(
+          frozen["discriminator"], fake, dis_layers if w.sim > 0 else (), score=w.gan > 0)
       if w.gan > 0:
         terms["gen_gan"] = losses.lsgan_loss(fake_score, target_is_real=True) * w.gan
       if w.sim > 0:
@@ -137,7 +140,8 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
     if use_nce:
       nce_rng, idt_rng = jax.random.split(rng)
       keys = [source_feats[layer] for layer in nce_layers]
-      terms["nce"] = patch_nce(trainable["projector"], encode(trainable["generator"], fake), keys, nce_rng) * w.nce
+      queries = encode(trainable["generator"], fake)
+      terms["nce"] = patch_nce(trainable["projector"], queries, keys, nce_rng) * w.nce
       if use_idt:
         # The original scales the image G(r) by weight_idt (not the loss) before encoding it.
         identity, target_feats = generate(trainable["generator"], target)
@@ -147,7 +151,8 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
     # Joint mode: the re-ID loss on the encoder features of s also trains G.
     if joint:
       ce, triplet, acc, aux["reid_batch_stats"] = reid_losses(
-          models, trainable["reid"], frozen["reid_batch_stats"], source_feats[encoder_output], batch["pid"], w)
+          models, trainable["reid"], frozen["reid_batch_stats"], source_feats[encoder_output], batch["pid"],
+          w)
       gate = 1.0 if reid_gate is None else reid_gate
       terms["reid_ce"], terms["reid_triplet"], aux["reid_acc"] = gate * ce, gate * triplet, gate * acc
     total = sum(terms.values())
@@ -201,12 +206,9 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
         new_params, new_opt_state = _update(optimizers[name], params[name], grads[name], opt_state[name],
                                             lrs[name])
         if name == "reid":
-          new_stats = aux["reid_batch_stats"]
-          if reid_gate is not None:  # before reid_start_epoch R is neither run nor updated (the original)
-            new_params, new_opt_state, new_stats = _select(
-                reid_gate > 0, (new_params, new_opt_state, new_stats),
-                (params[name], opt_state[name], batch_stats[name]))
-          batch_stats[name] = new_stats
+          new_params, new_opt_state, batch_stats[name] = _gated(
+              reid_gate, (new_params, new_opt_state, aux["reid_batch_stats"]),
+              (params[name], opt_state[name], batch_stats[name]))
           metrics["reid_acc"] = aux["reid_acc"]
         params[name], opt_state[name] = new_params, new_opt_state
     else:  # no loss trains G: it only translates (for D) and encodes (for the disjoint R)
@@ -228,17 +230,15 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
           params["reid"], batch_stats["reid"], jax.lax.stop_gradient(reid_input), batch["pid"])
       new_params, new_opt_state = _update(optimizers["reid"], params["reid"], r_grads, opt_state["reid"],
                                           lrs["reid"])
-      gate = 1.0
-      if reid_gate is not None:
-        gate = reid_gate
-        new_params, new_opt_state, new_stats = _select(
-            reid_gate > 0, (new_params, new_opt_state, new_stats),
-            (params["reid"], opt_state["reid"], batch_stats["reid"]))
-      params["reid"], opt_state["reid"], batch_stats["reid"] = new_params, new_opt_state, new_stats
+      params["reid"], opt_state["reid"], batch_stats["reid"] = _gated(
+          reid_gate, (new_params, new_opt_state, new_stats),
+          (params["reid"], opt_state["reid"], batch_stats["reid"]))
+      gate = 1.0 if reid_gate is None else reid_gate
       metrics.update(reid_ce=gate * ce, reid_triplet=gate * triplet, reid_acc=gate * acc)
 
     metrics.update({learning_rate_metric(name): lr for name, lr in lrs.items()})
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
     return new_state, metrics
 
   return train_step
@@ -248,8 +248,8 @@ def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_ep
   """Direct transfer: ResNet-50 (stem + R) trained with the re-ID losses on the source images only."""
   w = config.loss
   if not (w.reid_ce > 0 or w.reid_triplet > 0):
-    raise ValueError("The resnet50 baseline trains with the re-ID losses only; set config.loss.reid_ce and/or "
-                     "config.loss.reid_triplet > 0.")
+    raise ValueError("The resnet50 baseline trains with the re-ID losses only; set config.loss.reid_ce "
+                     "and/or config.loss.reid_triplet > 0.")
 
   def objective(trainable, batch_stats, source, pids):
     feats, stem_vars = models.stem.apply({"params": trainable["stem"], "batch_stats": batch_stats["stem"]},
@@ -266,11 +266,11 @@ def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_ep
     for name in state.params:
       params[name], opt_state[name] = _update(optimizers[name], state.params[name], grads[name],
                                               state.opt_state[name], lrs[name])
-    gate = _reid_gate(config, state.step, steps_per_epoch)
-    if gate is not None:
-      params, opt_state, new_stats = _select(gate > 0, (params, opt_state, new_stats),
-                                             (state.params, state.opt_state, state.batch_stats))
-      ce, triplet, acc = gate * ce, gate * triplet, gate * acc
+    reid_gate = _reid_gate(config, state.step, steps_per_epoch)
+    params, opt_state, new_stats = _gated(reid_gate, (params, opt_state, new_stats),
+                                          (state.params, state.opt_state, state.batch_stats))
+    gate = 1.0 if reid_gate is None else reid_gate
+    ce, triplet, acc = gate * ce, gate * triplet, gate * acc
     metrics = {name: jnp.zeros((), jnp.float32) for name in LOSS_METRICS}
     metrics.update(reid_ce=ce, reid_triplet=triplet, reid_acc=acc, lr_reid=lrs["reid"])
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
@@ -279,13 +279,16 @@ def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_ep
   return train_step
 
 
-def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_per_epoch: int,
-                    mesh) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-  """The jitted step (state, batch, rng) -> (state, metrics) over `mesh`: state replicated (and donated), batch
-  {"source" (B,H,W,3), "pid" (B,), "target" (B,H,W,3)} split over the "data" axis, rng replicated.
+def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_per_epoch: int, mesh,
+                    compiler_options: dict[str, Any] | None = None
+                    ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """The jitted step (state, batch, rng) -> (state, metrics) over `mesh`.
 
-  Metrics are global scalars: the weighted loss terms (LOSS_METRICS, 0 when off), reid_acc (percent) and
-  lr_<network> for every trained network.
+  state: replicated (sharding.replicate) and donated; batch: {"source" (B,H,W,3), "pid" (B,), "target"
+  (B,H,W,3) or None when no loss reads it} split over the "data" axis (sharding.make_global_batch); rng:
+  replicated, one per step. Metrics are global scalars: the weighted loss terms (LOSS_METRICS, 0 when off),
+  reid_acc (percent) and lr_<network> of every trained network. `compiler_options` go to XLA (e.g.
+  {"xla_backend_optimization_level": 0} compiles about twice as fast, for tests).
   """
   check_batch_size(config.train.batch_size, mesh)
   lr_fns = {name: optim.create_learning_rate_fn(config.optim[OPTIMIZER_CONFIG[name]], steps_per_epoch)
@@ -294,4 +297,4 @@ def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_pe
   step = make(config, models, optimizers, lr_fns, steps_per_epoch)
   replicated = replicated_sharding(mesh)
   return jax.jit(step, in_shardings=(replicated, batch_sharding(mesh), replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=compiler_options)

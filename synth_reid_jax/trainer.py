@@ -42,7 +42,8 @@ JPEG_QUALITY = 95  # translate: non-PNG outputs
 # Keys whose values fix parameter shapes or the classifier width: a workdir trained with other values cannot
 # be resumed or evaluated with this config.
 SHAPE_KEYS = ("model.backbone", "model.ngf", "model.n_blocks", "model.ndf", "model.projector_dim",
-              "model.reid_stages", "model.reid_width", "loss.nce_layers", "data.source", "data.combineall")
+              "model.reid_stages", "model.reid_width", "loss.nce_layers", "data.source", "data.combineall",
+              "data.combineall_query")
 NONFINITE_ACTIONS = ("stop", "skip")
 SIM_TYPES = ("feat_match", "gram_match")
 METRICS = ("euclidean", "cosine")
@@ -154,6 +155,7 @@ def validate_for_devices(config, num_devices):
 
 
 def _config_json(config):
+  """The config as plain JSON data (tuples become lists)."""
   return json.loads(config.to_json_best_effort())
 
 
@@ -173,6 +175,7 @@ def check_workdir_config(config, workdir):
 
 
 def write_config(config, workdir):
+  """<workdir>/config.json: the config of the latest run in this workdir."""
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
@@ -191,6 +194,7 @@ def next_batch(source, target, mesh):
 
 
 def num_train_steps(config, steps_per_epoch):
+  """config.train.num_steps when set, else num_epochs whole epochs over the source."""
   return config.train.num_steps or config.train.num_epochs * steps_per_epoch
 
 
@@ -199,6 +203,7 @@ def _loss_names(metrics):
 
 
 def nonfinite_losses(metrics):
+  """Names of the loss terms (host values) that are NaN or infinite."""
   return [k for k in _loss_names(metrics) if not np.isfinite(metrics[k])]
 
 
@@ -307,9 +312,15 @@ def evaluate_all(config, feature_fn, variables, mesh, step, workdir, writer=None
 # --- Samples ---------------------------------------------------------------------------------------
 
 
+def _to_uint8(images, config):
+  """Normalised float images -> uint8."""
+  pixels = (images * np.asarray(config.data.std) + np.asarray(config.data.mean)) * 255.0
+  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
 def _host_rows(x, n):
   """The first n rows of a (possibly multi-process) global batch, on every process."""
-  return np.asarray(features._to_host(x))[:n]
+  return np.asarray(features.to_host(x))[:n]
 
 
 def make_translate_fn(models):
@@ -337,6 +348,9 @@ def save_samples(config, translate_fn, state, batch, step, workdir):
     visualize.save_image_grid([_to_uint8(images, config) for images in rows], path)
 
 
+# --- State and loop ----------------------------------------------------------------------------------
+
+
 def create_replicated_state(config, rng, num_classes, mesh):
   """create_train_state as one compiled program whose output lands replicated on the mesh."""
   optimizers = {}
@@ -348,40 +362,6 @@ def create_replicated_state(config, rng, num_classes, mesh):
 
   state = jax.jit(init, out_shardings=sharding.replicated_sharding(mesh))(rng)
   return state, optimizers
-
-
-# --- Preemption --------------------------------------------------------------------------------------
-
-
-class StopRequest:
-  """Set by SIGTERM (single process) or a preemption notice reached by every host (multi-host)."""
-
-  def __init__(self, checkpointer):
-    self._checkpointer, self._flag = checkpointer, threading.Event()
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-
-  def __call__(self, step):
-    if jax.process_count() > 1:
-      return self._checkpointer.reached_preemption(step)
-    return self._flag.is_set()
-
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-# --- Modes -------------------------------------------------------------------------------------------
-
-
-def _prepare(config, workdir):
-  validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  mesh = sharding.create_mesh()
-  validate_for_devices(config, mesh.devices.size)
-  check_workdir_config(config, workdir)
-  return workdir, mesh
 
 
 class TrainMetrics:
@@ -415,6 +395,38 @@ def eval_due(done, steps_per_epoch, num_steps, eval_every_epochs):
   return done == num_steps or (epoch_end and (done // steps_per_epoch) % eval_every_epochs == 0)
 
 
+class StopRequest:
+  """Set by SIGTERM (single process) or a preemption notice reached by every host (multi-host)."""
+
+  def __init__(self, checkpointer):
+    self._checkpointer, self._flag = checkpointer, threading.Event()
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+  def __call__(self, step):
+    if jax.process_count() > 1:
+      return self._checkpointer.reached_preemption(step)
+    return self._flag.is_set()
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- Modes -------------------------------------------------------------------------------------------
+
+
+def _prepare(config, workdir):
+  """Every mode's checks: the config, the devices and the workdir's earlier config; -> (workdir, mesh)."""
+  validate_config(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mesh = sharding.create_mesh()
+  validate_for_devices(config, mesh.devices.size)
+  check_workdir_config(config, workdir)
+  return workdir, mesh
+
+
 def train_and_evaluate(config, workdir):
   """Trains on config.data.source with config.data.target alongside, evaluating every eval_every_epochs.
 
@@ -445,8 +457,8 @@ def train_and_evaluate(config, workdir):
   if checkpointer.latest_step() is not None:
     state, train_rng, restored = checkpointer.restore_training(state, iterators=iterators, rng=train_rng)
     if is_main:
-      print(f"Resumed from {checkpointer.directory}/{int(state.step)} (epoch {restored.get('epoch')}).",
-            flush=True)
+      epoch = restored.get("epoch", 0)
+      print(f"Resumed from {checkpointer.directory}/{int(state.step)} (epoch {epoch:.2f}).", flush=True)
   start_step = int(state.step)
   if start_step >= num_steps:
     if is_main:
@@ -515,8 +527,13 @@ def train_and_evaluate(config, workdir):
   return state
 
 
-def _restore_for_inference(config, workdir, step, mesh):
-  """Models and variables (replicated) from a train or inference checkpoint; -> (models, variables, step)."""
+def restore_for_inference(config, workdir, step=None, mesh=None):
+  """The networks and their variables (replicated on `mesh`) from a train or inference checkpoint.
+
+  Only what test-time features and translation need is read: the generator (or stem) and the re-ID network.
+  -> (models, variables {"params", "batch_stats"}, step).
+  """
+  mesh = sharding.create_mesh() if mesh is None else mesh
   checkpointer = checkpointing.Checkpointer(workdir, iterator_names=())
   try:
     step = checkpointer.resolve_step(step)
@@ -537,7 +554,7 @@ def _restore_for_inference(config, workdir, step, mesh):
 def evaluate(config, workdir, step=None):
   """Evaluates config.data.eval_datasets with the latest (or `step`) checkpoint; -> {dataset: results}."""
   workdir, mesh = _prepare(config, workdir)
-  models, variables, step = _restore_for_inference(config, workdir, step, mesh)
+  models, variables, step = restore_for_inference(config, workdir, step, mesh)
   if jax.process_index() == 0:
     print(f"Evaluating {workdir} at step {step}.", flush=True)
   return evaluate_all(config, features.make_feature_fn(models, config, mesh), variables, mesh, step, workdir,
@@ -589,18 +606,12 @@ def _folder_stream(config, input_dir, paths):
   return input_pipeline.create_eval_pipeline(config, "input_dir", "images", records=records)
 
 
-def _to_uint8(images, config):
-  """Normalised float images -> uint8."""
-  pixels = (images * np.asarray(config.data.std) + np.asarray(config.data.mean)) * 255.0
-  return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
-
-
 def translate(config, workdir, input_dir, output_dir, step=None):
   """Writes G(x) for every image under input_dir to output_dir (same relative names, at the config's size)."""
   workdir, mesh = _prepare(config, workdir)
   if config.model.backbone != "generator":
     raise ValueError(f"--mode=translate needs a generator; config.model.backbone={config.model.backbone!r}.")
-  models, variables, step = _restore_for_inference(config, workdir, step, mesh)
+  models, variables, step = restore_for_inference(config, workdir, step, mesh)
   input_dir = os.path.expanduser(input_dir)
   paths = list_image_files(input_dir)
   stream = _folder_stream(config, input_dir, paths)
@@ -610,8 +621,8 @@ def translate(config, workdir, input_dir, output_dir, step=None):
   is_main = jax.process_index() == 0
   for batch in tqdm.tqdm(stream, total=len(stream), unit="batch", disable=not is_main, desc="translate"):
     images = sharding.make_global_batch(np.asarray(batch["image"], np.float32), mesh)
-    out = _to_uint8(features._to_host(generate(variables["params"], images)), config)
-    mask, index = (features._to_host(np.asarray(batch[k])) for k in ("mask", "index"))
+    out = _to_uint8(features.to_host(generate(variables["params"], images)), config)
+    mask, index = (features.to_host(np.asarray(batch[k])) for k in ("mask", "index"))
     if not is_main:
       continue
     for image, keep, i in zip(out, mask, index):
@@ -627,7 +638,7 @@ def translate(config, workdir, input_dir, output_dir, step=None):
 def extract(config, workdir, input_dir, output, step=None):
   """Writes the re-ID features of every image under input_dir to an .npz (features, paths, pids, camids)."""
   workdir, mesh = _prepare(config, workdir)
-  models, variables, step = _restore_for_inference(config, workdir, step, mesh)
+  models, variables, step = restore_for_inference(config, workdir, step, mesh)
   input_dir = os.path.expanduser(input_dir)
   paths = list_image_files(input_dir)
   stream = _folder_stream(config, input_dir, paths)

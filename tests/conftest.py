@@ -5,7 +5,8 @@ import os
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+  _flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=4").strip()
 
 # --- Fake datasets shared by every test that reads data (tests/fakes.py writes them) ---
 import fakes  # noqa: E402

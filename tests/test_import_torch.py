@@ -299,7 +299,7 @@ def test_resnet50_conversion_matches_torch(tmp_path):
 
   x = images(seed=4)
   stem = ResNetStem(num_blocks=stages[0], width=WIDTH)
-  stem_vars = import_torch.merge_pretrained(zeros_like_init(stem, x), pretrained["stem"])
+  stem_vars = import_torch.apply_pretrained({"stem": zeros_like_init(stem, x)}, out)["stem"]
   feats = jax.jit(lambda v, x: stem.apply(v, x, train=False))(stem_vars, x)
   with torch.no_grad():
     want_stem = net.stem(nchw(x))
@@ -314,6 +314,9 @@ def test_resnet50_conversion_matches_torch(tmp_path):
   neck = jax.jit(lambda v, x: reid.apply(v, x, train=False))(reid_vars, feats)
   pooled_want = want_stages.mean(dim=(2, 3)).numpy()
   np.testing.assert_allclose(neck, pooled_want / np.sqrt(1 + 1e-5), atol=ATOL)
+  wider = zeros_like_init(ReIDNet(CLASSES, stages=stages[1:], width=2 * WIDTH), feats)
+  with pytest.raises(ValueError, match=r"reid/params/layer2/block_0/conv1/kernel' has shape"):
+    import_torch.merge_pretrained({"reid": wider}, {"reid": pretrained["reid"]})
 
 
 # --- files and the command line -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The method's losses against independent numpy implementations (written from the definitions) and by hand."""
+"""The method's losses against independent numpy implementations (from the definitions) and by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +81,8 @@ def test_patch_nce_by_hand_and_stopped_keys():
   t = 0.5
   q = np.eye(2, dtype=np.float32)
   expected = np.log(np.exp(1 / t) + 1.0 + np.exp(-10 / t)) - 1 / t
-  np.testing.assert_allclose(losses.patch_nce_loss(q, q, batch_size=1, temperature=t), [expected] * 2, rtol=1e-6)
+  got = losses.patch_nce_loss(q, q, batch_size=1, temperature=t)
+  np.testing.assert_allclose(got, [expected] * 2, rtol=1e-6)
   grad_k = jax.grad(lambda k: losses.patch_nce_loss(q, k, 1, t).sum())(q)
   np.testing.assert_array_equal(grad_k, 0.0)
 

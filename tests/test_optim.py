@@ -1,4 +1,4 @@
-"""torch-style Adam (L2 decay in the gradient, torch's bias correction), frozen leaves, multi-step schedules."""
+"""torch-style Adam (L2 decay in the gradient, torch's bias correction), frozen leaves, multi-step decay."""
 
 import jax
 import jax.numpy as jnp
@@ -64,15 +64,16 @@ def test_frozen_leaf_gets_no_update_and_no_decay():
 
 
 def test_create_optimizer_reads_config_block():
-  block = ml_collections.ConfigDict(dict(lr=1e-2, b1=0.5, b2=0.99, eps=1e-8, weight_decay=5e-3, milestones=(2,),
-                                         gamma=0.1))
+  block = ml_collections.ConfigDict(
+      dict(lr=1e-2, b1=0.5, b2=0.99, eps=1e-8, weight_decay=5e-3, milestones=(2,), gamma=0.1))
   tx = optim.create_optimizer(block)
   state = tx.init({"w": jnp.zeros(2)})
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(1e-2)
   param = np.array([0.3, -0.2], np.float32)
   grads = [np.array([0.1, 0.2], np.float32)] * 2
   got, _ = _run(tx, {"w": jnp.asarray(param)}, [{"w": g} for g in grads], [1e-2] * 2)
-  np.testing.assert_allclose(got["w"], _np_torch_adam(param, grads, [1e-2] * 2, 0.5, 0.99, 1e-8, 5e-3), rtol=1e-5)
+  expected = _np_torch_adam(param, grads, [1e-2] * 2, 0.5, 0.99, 1e-8, 5e-3)
+  np.testing.assert_allclose(got["w"], expected, rtol=1e-5)
 
 
 def test_multistep_schedule_boundaries():

@@ -1,10 +1,8 @@
 """The jitted train step on tiny networks: what each step trains, zero weights, modes, sharding, determinism.
 
-Compiling a step takes several seconds on CPU, so every config below is compiled once per module and its
-compiled step is shared by the tests that need it.
+Compiling a step costs seconds on CPU, so each test compiles its configs once and checks everything they
+show; steps compile without XLA's backend optimisations (same semantics, half the compile time).
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +16,17 @@ from synth_reid_jax.models import build_models
 NUM_CLASSES = 3
 BATCH = 4
 HEIGHT, WIDTH = 32, 16
-METRIC_NAMES = set(train_step.LOSS_METRICS) | {"reid_acc"} | {
-    f"lr_{name}" for name in ("generator", "discriminator", "projector", "reid")}
+NETWORKS = ("generator", "discriminator", "projector", "reid")
+METRIC_NAMES = set(train_step.LOSS_METRICS) | {"reid_acc"} | {f"lr_{name}" for name in NETWORKS}
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def tiny_config(**loss):
   """The method at a size that compiles fast: one residual block, one ResNet stage."""
   config = default.get_config()
   config.data.height, config.data.width = HEIGHT, WIDTH
-  # A projector narrower than ~32 may map a patch to exactly 0 (all ReLUs off), where the L2 norm's gradient
-  # is NaN - as in the original; at the real width (256) that does not happen.
+  # A projector narrower than ~32 may map a patch to exactly 0 (all its ReLUs off), where the L2 norm's
+  # gradient is NaN - as in the original; at the real width (256) that does not happen.
   config.model.update(dict(ngf=4, n_blocks=1, ndf=4, projector_dim=32, reid_width=4, reid_stages=(1,)))
   config.loss.nce_layers = (0, 3, 4)  # 4 is also the encoder output with one block
   config.loss.num_patches = 16
@@ -43,36 +42,24 @@ def fake_batch(seed=0):
           "target": rng.uniform(-1, 1, (BATCH, HEIGHT, WIDTH, 3)).astype(np.float32)}
 
 
-@functools.cache
-def initial_state(config_json):
-  """Host copy of a fresh state (each run replicates its own copy: the step donates its input)."""
-  config = _CONFIGS[config_json]
-  state, optimizers = train_state.create_train_state(config, jax.random.key(0), NUM_CLASSES)
-  return jax.device_get(state), optimizers
-
-
-_CONFIGS = {}
-
-
-def _register(config):
-  key = config.to_json()
-  _CONFIGS[key] = config
-  return key
-
-
 class Run:
-  """A compiled step for one config and mesh, with helpers to run it from the initial state."""
+  """One config's initial state (kept on the host: the step donates its input) and compiled step."""
 
-  def __init__(self, config, devices=None, steps_per_epoch=1):
-    self.config = config
-    self.init, optimizers = initial_state(_register(config))
+  def __init__(self, config, init=None, devices=None, steps_per_epoch=1):
+    if init is None:
+      state, self.optimizers = train_state.create_train_state(config, jax.random.key(0), NUM_CLASSES)
+      init = jax.device_get(state)
+    else:
+      self.optimizers = train_state.create_optimizers(config, init.params)
+    self.config, self.init = config, init
     self.mesh = sharding.create_mesh(devices)
-    models = build_models(config, NUM_CLASSES)
-    self.step = train_step.make_train_step(config, models, optimizers, steps_per_epoch, self.mesh)
+    self.step = train_step.make_train_step(config, build_models(config, NUM_CLASSES), self.optimizers,
+                                           steps_per_epoch, self.mesh, compiler_options=FAST_COMPILE)
 
-  def __call__(self, num_steps=1, seed=0, rng_seed=1):
+  def __call__(self, num_steps=1, rng_seed=1):
+    """Runs from the initial state; -> (final state on the host, [metrics of each step])."""
     state = sharding.replicate(self.init, self.mesh)
-    batch = sharding.make_global_batch(fake_batch(seed), self.mesh)
+    batch = sharding.make_global_batch(fake_batch(), self.mesh)
     history = []
     for i in range(num_steps):
       state, metrics = self.step(state, batch, jax.random.fold_in(jax.random.key(rng_seed), i))
@@ -81,73 +68,13 @@ class Run:
 
 
 def _changed(before, after):
-  return any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+  pairs = zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+  return any(not np.array_equal(a, b) for a, b in pairs)
 
 
-def _assert_trees_close(a, b, **tol):
+def _assert_trees_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, **tol)
-
-
-@pytest.fixture(scope="module")
-def method():
-  """Joint mode, every loss on (identity NCE and triplet too); re-ID from the 2nd epoch, R's lr decays then."""
-  config = tiny_config(nce_idt=0.5, reid_triplet=0.5, reid_start_epoch=2)
-  config.optim.reid.milestones = (1,)
-  return Run(config)
-
-
-@pytest.fixture(scope="module")
-def method_run(method):
-  return method(num_steps=2)
-
-
-def test_every_network_trains_and_metrics_are_finite(method, method_run):
-  state, (first, second) = method_run
-  init = method.init
-  assert set(first) == METRIC_NAMES
-  for metrics in (first, second):
-    assert all(np.isfinite(v) for v in metrics.values()), metrics
-  assert int(state.step) == 2
-  for name in ("generator", "discriminator", "projector", "reid"):
-    assert _changed(init.params[name], state.params[name]), name
-    assert jax.tree.leaves(state.params[name])[0].dtype == jnp.float32
-  assert _changed(init.batch_stats["reid"], state.batch_stats["reid"])
-  for name in ("gen_gan", "gen_sim", "nce", "nce_idt", "dis_real", "dis_fake", "dis_sim"):
-    assert first[name] > 0, name
-  # The BNNeck shift never moves.
-  np.testing.assert_array_equal(state.params["reid"]["bnneck"]["bias"], init.params["reid"]["bnneck"]["bias"])
-
-
-def test_reid_starts_at_reid_start_epoch(method):
-  state, (first,) = method(num_steps=1)
-  # Epoch 1 < reid_start_epoch = 2: R is neither run nor updated, and reports nothing.
-  assert first["reid_ce"] == first["reid_triplet"] == first["reid_acc"] == 0
-  assert not _changed(method.init.params["reid"], state.params["reid"])
-  assert not _changed(method.init.batch_stats["reid"], state.batch_stats["reid"])
-  assert not _changed(method.init.opt_state["reid"], state.opt_state["reid"])
-
-
-def test_learning_rates_follow_the_epoch_schedule(method, method_run):
-  _, (first, second) = method_run
-  lr = method.config.optim.generator.lr
-  assert first["lr_generator"] == second["lr_generator"] == pytest.approx(lr)
-  assert first["lr_reid"] == pytest.approx(lr)
-  assert second["lr_reid"] == pytest.approx(lr * 0.1)  # milestone at epoch 1, one step per epoch
-  assert second["reid_ce"] > 0 and second["reid_triplet"] >= 0
-
-
-def test_compiles_once(method, method_run):
-  method(num_steps=3, rng_seed=7)
-  assert method.step._cache_size() == 1
-
-
-def test_same_seed_same_result(method, method_run):
-  state, history = method(num_steps=2)
-  _assert_trees_close(state.params, method_run[0].params, rtol=0, atol=0)
-  assert history == method_run[1]
-  _, other = method(num_steps=1, rng_seed=2)  # other patch positions
-  assert other[0]["nce"] != method_run[1][0]["nce"]
+    np.testing.assert_array_equal(x, y)
 
 
 def _is_bias_before_instance_norm(path):
@@ -158,55 +85,91 @@ def _is_bias_before_instance_norm(path):
 
 
 @pytest.mark.slow
-def test_four_devices_match_one(method, method_run):
-  assert method.mesh.devices.size == 4
-  single = Run(method.config, devices=jax.devices()[:1])
-  state, history = single(num_steps=2)
-  four = dict(jax.tree_util.tree_leaves_with_path(method_run[0].params))
-  compared = 0
-  for path, one in jax.tree_util.tree_leaves_with_path(state.params):
+def test_method_step():
+  """Joint mode, GAN + feature matching + PatchNCE + CE + triplet; re-ID from epoch 2, when R's lr decays."""
+  config = tiny_config(reid_triplet=0.5, reid_start_epoch=2)
+  config.optim.reid.milestones = (1,)
+  run = Run(config)  # 4 devices, one step per epoch
+  init = run.init
+  assert set(init.params) == set(init.opt_state) == set(run.optimizers) == set(NETWORKS)
+  assert set(init.batch_stats) == {"reid"} and int(init.step) == 0
+
+  # Epoch 1 (before reid_start_epoch): G, D and F train; R is neither run nor updated and reports nothing.
+  state, (first,) = run(num_steps=1)
+  assert set(first) == METRIC_NAMES and all(np.isfinite(v) for v in first.values()), first
+  for name in ("gen_gan", "gen_sim", "nce", "dis_real", "dis_fake", "dis_sim"):
+    assert first[name] > 0, name
+  assert first["reid_ce"] == first["reid_triplet"] == first["reid_acc"] == first["nce_idt"] == 0
+  for name in ("generator", "discriminator", "projector"):
+    assert _changed(init.params[name], state.params[name]), name
+  _assert_trees_equal(init.params["reid"], state.params["reid"])
+  _assert_trees_equal(init.batch_stats["reid"], state.batch_stats["reid"])
+  _assert_trees_equal(init.opt_state["reid"], state.opt_state["reid"])
+
+  # Epoch 2: R trains (BatchNorm statistics too) at its decayed learning rate; the BNNeck shift stays.
+  state, (first_again, second) = run(num_steps=2)
+  assert all(np.isfinite(v) for v in second.values()), second
+  assert int(state.step) == 2
+  assert second["reid_ce"] > 0 and second["reid_triplet"] >= 0 and 0 <= second["reid_acc"] <= 100
+  assert _changed(init.params["reid"], state.params["reid"])
+  assert _changed(init.batch_stats["reid"], state.batch_stats["reid"])
+  np.testing.assert_array_equal(state.params["reid"]["bnneck"]["bias"], init.params["reid"]["bnneck"]["bias"])
+  lr = config.optim.generator.lr
+  assert first["lr_reid"] == second["lr_generator"] == pytest.approx(lr)
+  assert second["lr_reid"] == pytest.approx(lr * config.optim.reid.gamma)
+  assert all(jax.tree.leaves(state.params[n])[0].dtype == jnp.float32 for n in NETWORKS)
+
+  # Same seed, same result; another rng draws other patch positions. All of it from one compilation.
+  assert first_again == first
+  _, (other,) = run(num_steps=1, rng_seed=2)
+  assert other["nce"] != first["nce"] and other["gen_gan"] == first["gen_gan"]
+  assert run.step._cache_size() == 1
+
+  # The same two steps on one device: the batch statistics (BatchNorm, PatchNCE, means) are global.
+  single = Run(config, init=init, devices=jax.devices()[:1])
+  single_state, single_history = single(num_steps=2)
+  sharded = dict(jax.tree_util.tree_leaves_with_path(state.params))
+  for path, value in jax.tree_util.tree_leaves_with_path(single_state.params):
     if not _is_bias_before_instance_norm(path):
-      np.testing.assert_allclose(one, four[path], rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-      compared += 1
-  assert compared == len(four) - method.config.model.n_blocks
-  _assert_trees_close(state.batch_stats, method_run[0].batch_stats, rtol=1e-5, atol=1e-6)
-  for one, four in zip(history, method_run[1]):
+      np.testing.assert_allclose(value, sharded[path], rtol=1e-5, atol=1e-6,
+                                 err_msg=jax.tree_util.keystr(path))
+  for a, b in zip(jax.tree.leaves(single_state.batch_stats), jax.tree.leaves(state.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for one, four in zip(single_history, (first_again, second)):
     for name in one:
       assert one[name] == pytest.approx(four[name], rel=1e-5, abs=1e-6), name
 
 
-@pytest.fixture(scope="module")
-def nce_only_runs():
-  """PatchNCE + re-ID only (no GAN, D or feature matching), in bfloat16: disjoint, joint, and no re-ID."""
+@pytest.mark.slow
+def test_modes_and_zero_weights():
+  """PatchNCE + re-ID only (GAN, D and feature matching weighted 0), bfloat16 compute: disjoint vs joint (with
+  identity NCE) vs no re-ID."""
   runs = {}
-  for name, loss in [("disjoint", dict(guide_gen=False)), ("joint", dict(guide_gen=True)),
+  init = None
+  for mode, loss in [("disjoint", dict(guide_gen=False)), ("joint", dict(guide_gen=True, nce_idt=0.5)),
                      ("no_reid", dict(reid_ce=0.0))]:
     config = tiny_config(gan=0.0, dis=0.0, sim=0.0, **loss)
     config.model.dtype = "bfloat16"
-    run = Run(config)
-    runs[name] = (run, *run())
-  return runs
-
-
-def test_zero_weights_leave_the_discriminator_untouched(nce_only_runs):
-  for run, state, (metrics,) in nce_only_runs.values():
-    _assert_trees_close(state.params["discriminator"], run.init.params["discriminator"], rtol=0, atol=0)
-    _assert_trees_close(state.opt_state["discriminator"], run.init.opt_state["discriminator"], rtol=0, atol=0)
-    for name in ("gen_gan", "gen_sim", "nce_idt", "dis_real", "dis_fake", "dis_sim", "reid_triplet"):
-      assert metrics[name] == 0, name
+    run = Run(config, init=init)
+    init = run.init
+    runs[mode] = run()
+  for mode, (state, (metrics,)) in runs.items():
+    # Zero weights: D is never run, so neither its params nor its optimizer state move.
+    _assert_trees_equal(state.params["discriminator"], init.params["discriminator"])
+    _assert_trees_equal(state.opt_state["discriminator"], init.opt_state["discriminator"])
+    for name in ("gen_gan", "gen_sim", "dis_real", "dis_fake", "dis_sim", "reid_triplet"):
+      assert metrics[name] == 0, (mode, name)
     assert np.isfinite(metrics["nce"]) and metrics["nce"] > 0
-
-
-def test_disjoint_reid_does_not_train_the_generator(nce_only_runs):
-  disjoint, joint, no_reid = (nce_only_runs[k][1] for k in ("disjoint", "joint", "no_reid"))
-  _assert_trees_close(disjoint.params["generator"], no_reid.params["generator"], rtol=1e-6, atol=1e-7)
-  assert _changed(no_reid.params["generator"], joint.params["generator"])  # joint: R's loss reaches G
-  run = nce_only_runs["disjoint"][0]
-  assert _changed(run.init.params["reid"], disjoint.params["reid"])
-  assert not _changed(run.init.params["reid"], no_reid.params["reid"])
-  # Same re-ID loss value either way (same R, same features); bf16 compute, float32 params.
-  assert nce_only_runs["disjoint"][2][0]["reid_ce"] == pytest.approx(nce_only_runs["joint"][2][0]["reid_ce"])
-  assert jax.tree.leaves(disjoint.params["generator"])[0].dtype == jnp.float32
+    assert all(jax.tree.leaves(state.params[n])[0].dtype == jnp.float32 for n in NETWORKS)
+  disjoint, joint, no_reid = (runs[k][0] for k in ("disjoint", "joint", "no_reid"))
+  # Disjoint: R trains on stopped features, G gets exactly the update it gets without any re-ID loss.
+  _assert_trees_equal(disjoint.params["generator"], no_reid.params["generator"])
+  assert _changed(init.params["reid"], disjoint.params["reid"])
+  _assert_trees_equal(init.params["reid"], no_reid.params["reid"])
+  # Joint: the re-ID loss reaches G.
+  assert _changed(no_reid.params["generator"], joint.params["generator"])
+  assert runs["joint"][1][0]["nce_idt"] > 0
+  assert runs["disjoint"][1][0]["reid_ce"] == pytest.approx(runs["joint"][1][0]["reid_ce"], rel=1e-6)
 
 
 def test_resnet50_baseline_step():
@@ -214,21 +177,12 @@ def test_resnet50_baseline_step():
   config.model.backbone = "resnet50"
   run = Run(config)
   state, (metrics,) = run()
-  assert set(state.params) == {"stem", "reid"} == set(state.batch_stats)
-  assert _changed(run.init.params["stem"], state.params["stem"])
-  assert _changed(run.init.params["reid"], state.params["reid"])
-  assert _changed(run.init.batch_stats["stem"], state.batch_stats["stem"])
+  assert set(state.params) == set(state.opt_state) == set(state.batch_stats) == {"stem", "reid"}
+  for name in ("stem", "reid"):
+    assert _changed(run.init.params[name], state.params[name]), name
+    assert _changed(run.init.batch_stats[name], state.batch_stats[name]), name
   assert metrics["reid_ce"] > 0 and metrics["reid_triplet"] >= 0 and metrics["gen_gan"] == 0
   assert metrics["lr_reid"] == pytest.approx(config.optim.reid.lr)
-
-
-def test_create_train_state_layout():
-  config = tiny_config()
-  state, optimizers = initial_state(_register(config))
-  assert set(state.params) == set(state.opt_state) == set(optimizers) == {
-      "generator", "discriminator", "projector", "reid"}
-  assert set(state.batch_stats) == {"reid"}
-  assert int(state.step) == 0
 
 
 def test_indivisible_batch_is_an_error():

@@ -1,5 +1,6 @@
 """The trainer end to end on fake dataset trees: train, resume, eval, translate, extract; clear errors."""
 
+import functools
 import json
 import os
 import shutil
@@ -16,22 +17,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-import fakes  # noqa: E402
-
-from configs import gta2duke  # noqa: E402
+from configs import baseline, gta2duke  # noqa: E402
 from synth_reid_jax import checkpointing, metric_writer, sharding, train_step, trainer  # noqa: E402
 from synth_reid_jax.train_state import TrainState  # noqa: E402
 
 LOSSES = train_step.LOSS_METRICS
 LEARNING_RATES = ("lr_generator", "lr_discriminator", "lr_projector", "lr_reid")
 CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-  """(manual_dir with every fake release, a data_dir shared by the module's runs)."""
-  root = tmp_path_factory.mktemp("data")
-  return fakes.make_all(str(root / "manual")), str(root / "tfds")
+@pytest.fixture(scope="session")
+def data_dirs(fake_manual_dir, fake_data_dir):
+  """(manual_dir with every fake release, the session's data_dir), see conftest.py."""
+  return fake_manual_dir, fake_data_dir
 
 
 def tiny_config(data_dirs, **train):
@@ -50,11 +49,15 @@ def rows_by_step(workdir):
 
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for the module: the resumed run reuses the first run's executables."""
+  """Faster compiles for the module: a persistent cache (the resumed run reuses the first run's executables)
+  and the train step compiled without XLA's backend optimisations."""
   previous = {key: getattr(jax.config, key) for key in CACHE_OPTIONS}
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  yield
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train_step, "make_train_step", functools.partial(train_step.make_train_step,
+                                                                   compiler_options=FAST_COMPILE))
+    yield
   for key, value in previous.items():
     jax.config.update(key, value)
 
@@ -142,6 +145,23 @@ def test_translate_and_extract(trained, data_dirs, tmp_path):
   assert list(out["paths"]) == sorted(names)
   assert out["features"].shape == (3, 8 * 8 * 4) and out["features"].dtype == np.float32
   assert list(out["pids"]) == [1, 42647445, -1] and list(out["camids"]) == [1, 7, -1]
+
+
+@pytest.mark.slow
+def test_baseline_trains_and_evaluates_through_the_resnet_stem(data_dirs, tmp_path, compilation_cache):
+  del compilation_cache
+  config = baseline.get_config("tiny")
+  config.data.manual_dir, config.data.data_dir = data_dirs
+  config.train.num_steps = 2
+  trainer.train_and_evaluate(config, str(tmp_path))
+  rows = rows_by_step(tmp_path)
+  assert rows[2]["reid_ce"] > 0 and rows[2]["gen_gan"] == 0 and rows[2]["nce"] == 0
+  assert not os.path.exists(tmp_path / "samples")  # nothing to translate
+  results = json.load(open(tmp_path / "eval" / "market1501.json"))
+  again = trainer.evaluate(config, str(tmp_path))["market1501"]  # restores the stem and R
+  assert again["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
+  with pytest.raises(ValueError, match="needs a generator"):
+    trainer.translate(config, str(tmp_path), str(tmp_path), str(tmp_path / "out"))
 
 
 def test_eval_without_checkpoint_is_a_clear_error(data_dirs, tmp_path):

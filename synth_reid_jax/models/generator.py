@@ -38,6 +38,7 @@ class Generator(nn.Module):
   Encoder layers are numbered as the original's nn.Sequential: 0 the reflect-padded input (N,H+6,W+6,3),
   1 conv7, 2-3 the strided convs, 4 .. 3+n_blocks the residual blocks; the last is the encoder output
   (N,H/4,W/4,4*ngf) that the re-ID network reads. The image is float32; features are in the compute dtype.
+  Initialise with a full call (not encode_only), which creates every parameter.
   """
   ngf: int = 64
   n_blocks: int = 9

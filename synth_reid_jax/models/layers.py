@@ -39,7 +39,8 @@ def bnneck_scale_init(key, shape, dtype=jnp.float32):
 def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
   """torch's ReflectionPad2d(pad) on the H and W axes of an NHWC array, as one concatenation per axis.
 
-  Bit-identical to jnp.pad(mode="reflect") but cheaper on XLA:CPU (see benchmarks/models_bench.py).
+  Bit-identical to jnp.pad(mode="reflect") and as fast; what made reflect padding slow on XLA:CPU is the
+  unpadded convolution that follows it (see Conv).
   """
   if pad == 0:
     return x

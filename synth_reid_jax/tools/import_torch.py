@@ -334,6 +334,16 @@ def merge_pretrained(variables, pretrained, where="pretrained weights"):
   return traverse_util.unflatten_dict(flat)
 
 
+def apply_pretrained(variables, path):
+  """{network: variables} with the networks that an .npz from --resnet50 holds ("stem", "reid") loaded.
+
+  For config.model.pretrained_reid: the re-ID stages 2-4 (and the baseline's stem) start from ImageNet.
+  """
+  pretrained = load_npz(path)
+  return {name: merge_pretrained(v, pretrained[name], where=f"{path} ({name})") if name in pretrained else v
+          for name, v in variables.items()}
+
+
 # --- files --------------------------------------------------------------------------------------------------
 
 def _torch():
