@@ -12,9 +12,9 @@ def get_config():
 
   # --- Data -------------------------------------------------------------------------------------
   data = config.data = ml_collections.ConfigDict()
-  data.source = "gta_synthreid"  # labelled synthetic TFDS dataset (train split, or all splits with combineall)
+  data.source = "gta_synthreid"  # labelled synthetic TFDS dataset (train split, more with combineall)
   data.target = "dukemtmc_reid"  # unlabelled real TFDS dataset (its train split)
-  data.eval_datasets = ("market1501",)  # real datasets evaluated (query vs gallery); the thesis reports Market
+  data.eval_datasets = ("market1501",)  # real datasets evaluated (query vs gallery); the thesis: Market
   data.manual_dir = "~/reid_data"  # where the downloaded datasets live, in their released layouts
   data.data_dir = "~/tensorflow_datasets"  # where the prepared TFDS (array_record) datasets are written
   data.height = 256  # every image is resized to height x width (must be a multiple of 4)
@@ -22,7 +22,7 @@ def get_config():
   data.n_samples = 20  # at most this many source images per identity (0 keeps all)
   data.combineall = True  # source = train + gallery (+ query, see below) of the source, relabelled 0..N-1
   # The original merges train + gallery only (its combine_all(include_query=False)); True also merges query
-  # images (torchreid's behaviour). GTASynthReid's query identities are gallery identities, so the classes agree.
+  # images (torchreid's behaviour). GTASynthReid's query ids are gallery ids, so the classes agree.
   data.combineall_query = False
   data.transforms = ("random_flip", "random_crop_translate")  # train augmentations; normalisation always
   data.crop_scale = 1.125  # random_crop_translate: resize to this factor before a random crop
@@ -45,7 +45,7 @@ def get_config():
   model.reid_width = 64  # ResNet base width (stage 2 has 2 * width planes, 8 * width * 4 output channels)
   model.dtype = "float32"  # compute dtype: "float32", or "bfloat16" on GPU/TPU (params stay float32)
   model.remat = False  # rematerialise the generator's residual blocks (saves memory, costs compute)
-  model.pretrained_reid = ""  # optional .npz of ImageNet ResNet-50 weights for stages 2-4 (tools.import_torch)
+  model.pretrained_reid = ""  # optional .npz of ImageNet ResNet-50 weights (from tools.import_torch)
 
   # --- Losses (names of the original config in the comments) ------------------------------------
   loss = config.loss = ml_collections.ConfigDict()

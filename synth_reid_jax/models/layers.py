@@ -176,6 +176,9 @@ class Conv(nn.Module):
     k, s = self.kernel_size, self.stride
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     padding = _padding_pairs(self.padding)
+    if k > 1 and len(set(sum(padding, ()))) > 1:
+      x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+      padding = ((0, 0), (0, 0))
     trim = k > 1 and all(p == (0, 0) for p in padding)
     if trim:
       padding = ((0, s), (0, 0))

@@ -1,0 +1,147 @@
+"""launch.py as a real process survives SIGKILL mid-save and SIGTERM; config mistakes fail before compiling.
+
+Exact resume (stop at a checkpoint, resume, same numbers) and SIGTERM inside the loop are covered in
+test_trainer.py; the unknown dataset, indivisible batch and foreign workdir errors in test_launch.py.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from configs import default, gta2duke  # noqa: E402
+from synth_reid_jax import trainer  # noqa: E402
+
+TIMEOUT = 300  # seconds for any one process; each takes well under a minute
+POLL_SECONDS = 0.005
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+@pytest.fixture(scope="module")
+def launcher(fake_manual_dir, fake_data_dir, tmp_path_factory):
+  """-> start(workdir, *overrides): launch.py on the fake trees (4 CPU devices) with a shared compile cache."""
+  from synth_reid_jax.datasets import get_builder
+  for name in ("gta_synthreid", "dukemtmc_reid"):
+    get_builder(name, fake_data_dir, fake_manual_dir)
+  cache = tmp_path_factory.mktemp("jax_cache")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE_FLAG}")
+
+  def start(workdir, *overrides):
+    command = [sys.executable, os.path.join(REPO, "launch.py"), f"--config={REPO}/configs/gta2duke.py:tiny",
+               f"--workdir={workdir}", f"--config.data.manual_dir={fake_manual_dir}",
+               f"--config.data.data_dir={fake_data_dir}", "--config.data.eval_datasets=()",
+               "--config.train.sample_every_steps=1000", *overrides]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+  return start
+
+
+def finish(proc):
+  """Waits for `proc` (killing it on timeout); -> (returncode, output)."""
+  try:
+    out, _ = proc.communicate(timeout=TIMEOUT)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+  return proc.returncode, out
+
+
+def wait_for(predicate, proc):
+  """Polls until predicate() holds; fails if the process ends (or TIMEOUT passes) first."""
+  deadline = time.monotonic() + TIMEOUT
+  while not predicate():
+    if proc.poll() is not None:
+      pytest.fail(f"launch.py ended (rc {proc.returncode}) too early:\n{proc.stdout.read()[-3000:]}")
+    if time.monotonic() > deadline:
+      pytest.fail("timed out waiting for the run")
+    time.sleep(POLL_SECONDS)
+
+
+def steps_logged(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line)["step"] for line in f if line.strip()]
+
+
+def checkpoint_entries(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  return os.listdir(path) if os.path.isdir(path) else []
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_then_rerun_completes_each_step_once(launcher, tmp_path):
+  num_steps = 6
+  overrides = (f"--config.train.num_steps={num_steps}", "--config.train.checkpoint_every_steps=1")
+  proc = launcher(tmp_path, *overrides)
+  try:
+    # The first entry under checkpoints/ is the save of step 1 in progress (Orbax's tmp directory).
+    wait_for(lambda: checkpoint_entries(tmp_path), proc)
+    proc.send_signal(signal.SIGKILL)
+    seen = checkpoint_entries(tmp_path)
+  finally:
+    rc, out = finish(proc)
+  assert rc == -signal.SIGKILL, out[-3000:]
+  killed_at = {"checkpoints": seen, "steps logged": steps_logged(tmp_path)}
+  print(f"SIGKILL hit: {killed_at}")
+
+  rc, out = finish(launcher(tmp_path, *overrides))
+  assert rc == 0, out[-3000:]
+  assert steps_logged(tmp_path) == list(range(1, num_steps + 1)), (killed_at, out[-3000:])
+  entries = checkpoint_entries(tmp_path)
+  assert str(num_steps) in entries and not [e for e in entries if "tmp" in e], entries
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero(launcher, tmp_path):
+  proc = launcher(tmp_path, "--config.train.num_steps=1000", "--config.train.checkpoint_every_steps=1000")
+  try:
+    wait_for(lambda: steps_logged(tmp_path), proc)
+    proc.send_signal(signal.SIGTERM)
+  finally:
+    rc, out = finish(proc)
+  assert rc == 0, out[-3000:]
+  assert "Stop requested" in out
+  logged = steps_logged(tmp_path)
+  assert logged == list(range(1, len(logged) + 1)) and len(logged) < 1000
+  assert checkpoint_entries(tmp_path) == [str(logged[-1])]  # the step the run stopped at
+
+
+def tiny_config(**changes):
+  config = gta2duke.get_config("tiny")
+  for key, value in changes.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"data.height": 30}, "config.data.height=30 must be a positive multiple of 4"),
+    ({"data.width": 18}, "config.data.width=18 must be a positive multiple of 4"),
+    ({"loss.nce_layers": (0, 2, 9)}, r"config.loss.nce_layers \(0, 2, 9\): \[9\] out of range"),
+    ({"loss.dis_layers": (1, 6)}, r"config.loss.dis_layers \(1, 6\): \[6\] out of range"),
+    ({"data.source": "gta"}, "config.data.source='gta' is not a dataset"),
+])
+def test_config_mistakes_are_named_before_any_data_or_compile(changes, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(tiny_config(**changes), str(tmp_path))
+  assert not os.listdir(tmp_path)  # nothing written, nothing built
+
+
+def test_every_mistake_is_listed_at_once():
+  with pytest.raises(ValueError) as error:
+    trainer.validate_config(tiny_config(**{"data.height": 30, "loss.nce_layers": (0, 9)}),
+                            reference=default.get_config())
+  assert "data.height=30" in str(error.value) and "nce_layers" in str(error.value)
