@@ -9,6 +9,7 @@ the peak FLOP rate of a large float32 matmul measured in the same process with t
 the last line of stdout is one JSON object of the measurements.
 """
 
+import functools
 import json
 import os
 import resource
@@ -35,7 +36,7 @@ flags.DEFINE_integer("num_classes", 538, "Source identities (the re-ID classifie
 flags.DEFINE_string("dtype", None, "Compute dtype: float32 or bfloat16 (default: the config's model.dtype).")
 flags.DEFINE_bool("remat", None, "Rematerialise the generator's residual blocks (default: model.remat).")
 flags.DEFINE_bool("all_losses", False, "Also switch on the optional identity PatchNCE and triplet terms.")
-flags.DEFINE_integer("matmul_size", 4096, "Side of the square float32 matmul that measures the peak FLOP rate.")
+flags.DEFINE_integer("matmul_size", 4096, "Side of the square float32 matmul measuring the peak FLOP rate.")
 flags.DEFINE_integer("matmul_repeats", 5, "Matmuls timed for the peak; the best counts.")
 flags.DEFINE_bool("json", False, "End with one JSON line of the measurements.")
 flags.mark_flags_as_required(["config"])
@@ -70,14 +71,18 @@ def _timed(fn):
   return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def peak_matmul_flops(size: int, repeats: int) -> float:
-  """Best FLOP rate of a float32 (size x size) @ (size x size) matmul: the machine's practical peak."""
+def peak_matmul_flops(size: int, repeats: int) -> tuple[float, float]:
+  """Best FLOP rate of a float32 (size x size) @ (size x size) matmul: the machine's practical peak.
+
+  Returns (FLOP per wall second, FLOP per process CPU second); the second is what one busy thread reaches.
+  """
   keys = jax.random.split(jax.random.key(0))
   a, b = (jax.random.normal(k, (size, size), jnp.float32) for k in keys)
   matmul = jax.jit(jnp.matmul).lower(a, b).compile()
   jax.block_until_ready(matmul(a, b))
-  best = min(_timed(lambda: matmul(a, b))[1] for _ in range(repeats))
-  return 2.0 * size ** 3 / best
+  times = [_timed(lambda: matmul(a, b))[1:] for _ in range(repeats)]
+  flops = 2.0 * size ** 3
+  return flops / min(wall for wall, _ in times), flops / min(cpu for _, cpu in times)
 
 
 def build_config():
@@ -125,19 +130,25 @@ def main(argv):
   flops = _flops(compiled)
   xla_peak = _xla_peak_bytes(compiled)
 
+  # The matmul peak is taken before and after the steps (best of both), so that a burst of load from other
+  # jobs on a shared machine during one of them does not lower it.
+  peaks = [peak_matmul_flops(FLAGS.matmul_size, FLAGS.matmul_repeats)]
   state, metrics = compiled(state, batch, jax.random.key(0))  # warm-up
   jax.block_until_ready(metrics)
   walls, cpus = [], []
   for i in range(FLAGS.steps):
-    (state, metrics), wall, cpu = _timed(lambda i=i: compiled(state, batch, jax.random.key(i + 1)))
+    (state, metrics), wall, cpu = _timed(functools.partial(compiled, state, batch, jax.random.key(i + 1)))
     walls.append(wall)
     cpus.append(cpu)
+  peaks.append(peak_matmul_flops(FLAGS.matmul_size, FLAGS.matmul_repeats))
   nonfinite = [name for name, value in metrics.items() if not np.isfinite(float(value))]
   if nonfinite:
     raise RuntimeError(f"the benchmark step produced non-finite metrics {nonfinite}")
 
-  peak_flops = peak_matmul_flops(FLAGS.matmul_size, FLAGS.matmul_repeats)
+  peak_flops = max(wall for wall, _ in peaks)
+  peak_flops_per_cpu_second = max(cpu for _, cpu in peaks)
   step_seconds = statistics.median(walls)
+  step_cpu_seconds = statistics.median(cpus)
   batch_size = config.train.batch_size
   results = {
       "config": FLAGS["config"].value if isinstance(FLAGS["config"].value, str) else None,
@@ -153,11 +164,15 @@ def main(argv):
       "compile_seconds": compile_seconds,
       "step_seconds": step_seconds,
       "step_seconds_min": min(walls),
-      "step_cpu_seconds": statistics.median(cpus),
+      "step_cpu_seconds": step_cpu_seconds,
       "images_per_s": batch_size / step_seconds,
       "flops_per_step": flops,
       "peak_flops": peak_flops,
       "utilization": flops / step_seconds / peak_flops,
+      # The same ratio in CPU time (FLOP per CPU second of the step vs of the matmul): how well each busy
+      # thread is used, insensitive to other jobs on the machine.
+      "peak_flops_per_cpu_second": peak_flops_per_cpu_second,
+      "utilization_cpu": flops / step_cpu_seconds / peak_flops_per_cpu_second,
       "xla_peak_memory_bytes": xla_peak,
       "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * BYTES_PER_KIB,
       "load_average": os.getloadavg()[0],
@@ -170,13 +185,14 @@ def main(argv):
         f"{os.cpu_count()} cpus, load average {results['load_average']:.2f}")
   print(f"  init              {init_seconds:8.2f} s   (cpu {init_cpu:.2f} s)")
   print(f"  compile           {compile_seconds:8.2f} s")
-  print(f"  step (median)     {step_seconds:8.3f} s   (min {min(walls):.3f} s, cpu {results['step_cpu_seconds']:.3f} s"
-        f" over {FLAGS.steps} steps)")
+  print(f"  step (median)     {step_seconds:8.3f} s   (min {min(walls):.3f} s; cpu {step_cpu_seconds:.3f} s; "
+        f"{FLAGS.steps} steps)")
   print(f"  images/s          {results['images_per_s']:8.2f}")
   print(f"  GFLOP per step    {flops / 1e9:8.1f}   (XLA cost analysis)")
   print(f"  peak GFLOP/s      {peak_flops / 1e9:8.1f}   ({FLAGS.matmul_size}^2 float32 matmul, best of "
         f"{FLAGS.matmul_repeats})")
-  print(f"  utilization       {results['utilization']:8.2f}")
+  print(f"  utilization       {results['utilization']:8.2f}   (cpu time: {results['utilization_cpu']:.2f} of "
+        f"{peak_flops_per_cpu_second / 1e9:.1f} GFLOP per cpu second)")
   print(f"  peak memory       {gib(xla_peak)} (XLA buffers), max RSS {gib(results['max_rss_bytes'])}")
   if FLAGS.json:
     print(json.dumps(results))

@@ -27,7 +27,7 @@ FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 @pytest.fixture(scope="module")
 def launcher(fake_manual_dir, fake_data_dir, tmp_path_factory):
-  """-> start(workdir, *overrides): launch.py on the fake trees (4 CPU devices) with a shared compile cache."""
+  """-> start(workdir, *overrides): launch.py on the fake trees (4 CPU devices), one compile cache."""
   from synth_reid_jax.datasets import get_builder
   for name in ("gta_synthreid", "dukemtmc_reid"):
     get_builder(name, fake_data_dir, fake_manual_dir)

@@ -147,7 +147,8 @@ def test_encode_only_stops_after_the_last_requested_layer(generator_vars):
       "conv_general_dilated")
   assert convs(layers=(0, 2), encode_only=True) == 2  # conv_in, down_0
   assert convs(layers=(4,), encode_only=True) == 3 + 2  # + down_1 and the first block's two convs
-  assert convs(layers=(0, 2)) == 3 + 2 * N_BLOCKS + 2 + 1  # everything, decoder included
+  # everything: the decoder's transposed convs run as 4 phase convs each
+  assert convs(layers=(0, 2)) == 3 + 2 * N_BLOCKS + 2 * 4 + 1
   early, (_, full) = jax.jit(lambda v, x: (model.apply(v, x, layers=(3, 0), encode_only=True),
                                            model.apply(v, x, layers=(3, 0))))(generator_vars, x)
   assert [f.shape for f in early] == [(N, H // 4, W // 4, 4 * NGF), (N, H + 6, W + 6, 3)]
@@ -365,6 +366,20 @@ def test_unpadded_conv_matches_valid_convolution():
     want = jax.lax.conv_general_dilated(x, k, (stride, stride), "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(got, want + 1.0, atol=1e-5)
+
+
+def test_uneven_padding_conv_matches_padded_convolution():
+  x = normal(15, (2, 8, 5, 3))
+  k = normal(16, (4, 4, 3, 2))
+  padding = ((1, 1), (2, 2))  # the discriminator's penultimate conv
+  conv = layers.Conv(2, 4, padding=padding)
+  got, got_grads = jax.value_and_grad(lambda k, x: jnp.sum(jnp.sin(conv.apply({"params": {"kernel": k}}, x))),
+                                      argnums=(0, 1))(k, x)
+  want, want_grads = jax.value_and_grad(lambda k, x: jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+      x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))), argnums=(0, 1))(k, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=1e-5)
 
 
 def test_instance_norm_statistics():

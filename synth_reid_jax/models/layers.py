@@ -112,8 +112,9 @@ class ConvTranspose3x3s2(nn.Module):
   """torch's ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1): (N,H,W,C) -> (N,2H,2W,features).
 
   The kernel is stored (3, 3, in, out) with torch's tap order (torch weight (in, out, 3, 3) transposed, not
-  flipped). It runs as one 2x2 convolution that produces the four output phases as channels (a sub-pixel
-  decomposition), which does a quarter of the multiplies of a zero-dilated convolution.
+  flipped). It runs as its four output phases (a sub-pixel decomposition): output pixel (2m + a, 2l + b) reads
+  1, 2, 2 or 4 kernel taps, so no multiply hits a zero - a zero-dilated convolution does 4x the work, one 2x2
+  convolution producing all phases as channels 16/9x (and its fwd + bwd takes ~1.5x the CPU time of this).
   """
   features: int
   use_bias: bool = False
@@ -127,23 +128,21 @@ class ConvTranspose3x3s2(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     kernel = self.param("kernel", conv_transpose_init, (3, 3, c, self.features), jnp.float32)
-    zero = jnp.zeros((c, self.features), jnp.float32)
-    taps = []  # (2 offset_h, 2 offset_w, in, 2 phase_h, 2 phase_w, out)
-    for dh in range(2):
+    kernel = kernel.astype(self.dtype)
+    x = x.astype(self.dtype)
+    phases = []  # phases[a][b]: output pixels (2m + a, 2l + b), (N,H,W,features)
+    for taps_h in self._TAP:
+      taps_h = [t for t in taps_h if t is not None]
       row = []
-      for dw in range(2):
-        phases = []
-        for ph in range(2):
-          for pw in range(2):
-            kh, kw = self._TAP[ph][dh], self._TAP[pw][dw]
-            phases.append(zero if kh is None or kw is None else kernel[kh, kw])
-        row.append(jnp.stack(phases, axis=1))  # (in, 4, out)
-      taps.append(jnp.stack(row))
-    phase_kernel = jnp.stack(taps).reshape(2, 2, c, 4 * self.features).astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), phase_kernel, window_strides=(1, 1), padding=((0, 1), (0, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, -1)
+      for taps_w in self._TAP:
+        taps_w = [t for t in taps_w if t is not None]
+        sub_kernel = kernel[np.ix_(taps_h, taps_w)]  # (offsets_h, offsets_w, in, out)
+        # Offset 1 reads row m + 1: one zero row (column) past the end, which is torch's output_padding.
+        padding = ((0, len(taps_h) - 1), (0, len(taps_w) - 1))
+        row.append(jax.lax.conv_general_dilated(x, sub_kernel, (1, 1), padding,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC")))
+      phases.append(jnp.stack(row, axis=3))  # (N,H,W,2,features)
+    y = jnp.stack(phases, axis=2).reshape(n, 2 * h, 2 * w, self.features)  # (N,H,2,W,2,F) interleaved
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -161,7 +160,10 @@ class Conv(nn.Module):
 
   XLA:CPU runs an unpadded ("VALID") k>1 convolution 3-30x slower than the same convolution with any padding
   (see benchmarks/models_bench.py), so an unpadded one is computed with one extra zero row below the input and
-  the extra output row dropped: the same numbers, at the fast path's speed.
+  the extra output row dropped: the same numbers, at the fast path's speed. Uneven zero padding (sides or axes
+  differ, as the discriminator's last two convs) is applied to the input first: XLA:CPU's kernel gradient of
+  the (1, 1), (2, 2)-padded 32x16 conv takes ~100x longer than that of the pre-padded one (benchmarks/
+  train_step.py went from 32 s to 5 s per step).
   """
   features: int
   kernel_size: int
@@ -176,7 +178,8 @@ class Conv(nn.Module):
     k, s = self.kernel_size, self.stride
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     padding = _padding_pairs(self.padding)
-    if k > 1 and len(set(sum(padding, ()))) > 1:
+    uneven = len(set(sum(padding, ()))) > 1
+    if k > 1 and uneven:
       x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
       padding = ((0, 0), (0, 0))
     trim = k > 1 and all(p == (0, 0) for p in padding)
