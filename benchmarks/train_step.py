@@ -111,6 +111,23 @@ def random_batch(config, num_classes, mesh):
   }, mesh)
 
 
+def time_steps(compiled, state, batch, steps: int):
+  """Runs one warm-up step, then `steps` timed ones: ([wall seconds], [CPU seconds], [minor page faults])."""
+  state, metrics = compiled(state, batch, jax.random.key(0))
+  jax.block_until_ready(metrics)
+  walls, cpus, faults = [], [], []
+  for i in range(steps):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    (state, metrics), wall, cpu = _timed(functools.partial(compiled, state, batch, jax.random.key(i + 1)))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    walls.append(wall)
+    cpus.append(cpu)
+  nonfinite = [name for name, value in metrics.items() if not np.isfinite(float(value))]
+  if nonfinite:
+    raise RuntimeError(f"the benchmark step produced non-finite metrics {nonfinite}")
+  return walls, cpus, faults
+
+
 def main(argv):
   del argv
   config = build_config()
@@ -127,75 +144,75 @@ def main(argv):
   start = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   compile_seconds = time.perf_counter() - start
-  flops = _flops(compiled)
+  flops = _flops(compiled) * mesh.devices.size  # the cost analysis is of one device's program
   xla_peak = _xla_peak_bytes(compiled)
 
-  # The matmul peak is taken before and after the steps (best of both), so that a burst of load from other
-  # jobs on a shared machine during one of them does not lower it.
-  peaks = [peak_matmul_flops(FLAGS.matmul_size, FLAGS.matmul_repeats)]
-  state, metrics = compiled(state, batch, jax.random.key(0))  # warm-up
-  jax.block_until_ready(metrics)
-  walls, cpus = [], []
-  for i in range(FLAGS.steps):
-    (state, metrics), wall, cpu = _timed(functools.partial(compiled, state, batch, jax.random.key(i + 1)))
-    walls.append(wall)
-    cpus.append(cpu)
-  peaks.append(peak_matmul_flops(FLAGS.matmul_size, FLAGS.matmul_repeats))
-  nonfinite = [name for name, value in metrics.items() if not np.isfinite(float(value))]
-  if nonfinite:
-    raise RuntimeError(f"the benchmark step produced non-finite metrics {nonfinite}")
-
-  peak_flops = max(wall for wall, _ in peaks)
-  peak_flops_per_cpu_second = max(cpu for _, cpu in peaks)
-  step_seconds = statistics.median(walls)
-  step_cpu_seconds = statistics.median(cpus)
-  batch_size = config.train.batch_size
   results = {
-      "config": FLAGS["config"].value if isinstance(FLAGS["config"].value, str) else None,
-      "batch_size": batch_size,
+      "config": config_flags.get_config_filename(FLAGS["config"]),
+      "batch_size": config.train.batch_size,
       "height": config.data.height,
       "width": config.data.width,
       "dtype": config.model.dtype,
       "remat": bool(config.model.remat),
       "all_losses": FLAGS.all_losses,
       "devices": mesh.devices.size,
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "init_seconds": init_seconds,
       "init_cpu_seconds": init_cpu,
       "compile_seconds": compile_seconds,
-      "step_seconds": step_seconds,
-      "step_seconds_min": min(walls),
-      "step_cpu_seconds": step_cpu_seconds,
-      "images_per_s": batch_size / step_seconds,
       "flops_per_step": flops,
-      "peak_flops": peak_flops,
-      "utilization": flops / step_seconds / peak_flops,
-      # The same ratio in CPU time (FLOP per CPU second of the step vs of the matmul): how well each busy
-      # thread is used, insensitive to other jobs on the machine.
-      "peak_flops_per_cpu_second": peak_flops_per_cpu_second,
-      "utilization_cpu": flops / step_cpu_seconds / peak_flops_per_cpu_second,
       "xla_peak_memory_bytes": xla_peak,
-      "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * BYTES_PER_KIB,
-      "load_average": os.getloadavg()[0],
   }
+  if FLAGS.steps > 0:
+    # The matmul peak is taken before and after the steps (best of both), so that a burst of load from other
+    # jobs on a shared machine during one of them does not lower it.
+    peaks = [peak_matmul_flops(FLAGS.matmul_size, FLAGS.matmul_repeats)]
+    walls, cpus, faults = time_steps(compiled, state, batch, FLAGS.steps)
+    peaks.append(peak_matmul_flops(FLAGS.matmul_size, FLAGS.matmul_repeats))
+    peak_flops = max(wall for wall, _ in peaks)
+    peak_flops_per_cpu_second = max(cpu for _, cpu in peaks)
+    step_seconds, step_cpu_seconds = statistics.median(walls), statistics.median(cpus)
+    results.update(
+        step_seconds=step_seconds,
+        step_seconds_min=min(walls),
+        step_cpu_seconds=step_cpu_seconds,
+        images_per_s=config.train.batch_size / step_seconds,
+        peak_flops=peak_flops,
+        utilization=flops / step_seconds / peak_flops,
+        # The same ratio in CPU time (FLOP per CPU second of the step vs of the matmul): how well each busy
+        # thread is used, much less sensitive to other jobs on the machine than the wall-clock one.
+        peak_flops_per_cpu_second=peak_flops_per_cpu_second,
+        utilization_cpu=flops / step_cpu_seconds / peak_flops_per_cpu_second,
+        page_faults_per_step=statistics.median(faults),
+    )
+  else:  # --steps=0: compile only (memory and FLOPs), e.g. for a dtype / remat comparison
+    results.update({key: None for key in ("step_seconds", "images_per_s", "peak_flops", "utilization")})
+  results["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * BYTES_PER_KIB
   results["peak_memory_bytes"] = xla_peak if xla_peak is not None else results["max_rss_bytes"]
-
-  gib = lambda n: f"{n / 2 ** 30:.2f} GiB" if n is not None else "n/a"
-  print(f"train step: batch {batch_size}, {config.data.height}x{config.data.width}, {config.model.dtype}, "
-        f"remat={config.model.remat}, all_losses={FLAGS.all_losses}, {mesh.devices.size} device(s), "
-        f"{os.cpu_count()} cpus, load average {results['load_average']:.2f}")
-  print(f"  init              {init_seconds:8.2f} s   (cpu {init_cpu:.2f} s)")
-  print(f"  compile           {compile_seconds:8.2f} s")
-  print(f"  step (median)     {step_seconds:8.3f} s   (min {min(walls):.3f} s; cpu {step_cpu_seconds:.3f} s; "
-        f"{FLAGS.steps} steps)")
-  print(f"  images/s          {results['images_per_s']:8.2f}")
-  print(f"  GFLOP per step    {flops / 1e9:8.1f}   (XLA cost analysis)")
-  print(f"  peak GFLOP/s      {peak_flops / 1e9:8.1f}   ({FLAGS.matmul_size}^2 float32 matmul, best of "
-        f"{FLAGS.matmul_repeats})")
-  print(f"  utilization       {results['utilization']:8.2f}   (cpu time: {results['utilization_cpu']:.2f} of "
-        f"{peak_flops_per_cpu_second / 1e9:.1f} GFLOP per cpu second)")
-  print(f"  peak memory       {gib(xla_peak)} (XLA buffers), max RSS {gib(results['max_rss_bytes'])}")
+  results["load_average"] = os.getloadavg()[0]
+  print_summary(results)
   if FLAGS.json:
     print(json.dumps(results))
+
+
+def print_summary(r):
+  gib = lambda n: f"{n / 2 ** 30:.2f} GiB" if n is not None else "n/a"
+  print(f"train step: batch {r['batch_size']}, {r['height']}x{r['width']}, {r['dtype']}, remat={r['remat']}, "
+        f"all_losses={r['all_losses']}, {r['devices']} device(s), {os.cpu_count()} cpus, load average "
+        f"{r['load_average']:.2f}")
+  print(f"  init              {r['init_seconds']:8.2f} s   (cpu {r['init_cpu_seconds']:.2f} s)")
+  print(f"  compile           {r['compile_seconds']:8.2f} s")
+  print(f"  GFLOP per step    {r['flops_per_step'] / 1e9:8.1f}   (XLA cost analysis)")
+  if r["step_seconds"] is not None:
+    print(f"  step (median)     {r['step_seconds']:8.3f} s   (min {r['step_seconds_min']:.3f} s; cpu "
+          f"{r['step_cpu_seconds']:.3f} s; {FLAGS.steps} steps; {r['page_faults_per_step']:.0f} page faults)")
+    print(f"  images/s          {r['images_per_s']:8.2f}")
+    print(f"  peak GFLOP/s      {r['peak_flops'] / 1e9:8.1f}   ({FLAGS.matmul_size}^2 float32 matmul, "
+          f"best of {FLAGS.matmul_repeats})")
+    print(f"  utilization       {r['utilization']:8.2f}   (cpu time: {r['utilization_cpu']:.2f} of "
+          f"{r['peak_flops_per_cpu_second'] / 1e9:.1f} GFLOP per cpu second)")
+  print(f"  peak memory       {gib(r['xla_peak_memory_bytes'])} (XLA buffers), "
+        f"max RSS {gib(r['max_rss_bytes'])}")
 
 
 if __name__ == "__main__":

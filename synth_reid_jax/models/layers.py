@@ -108,6 +108,67 @@ class BatchNorm(nn.Module):
     return (xf * mul + (bias - mean * mul)).astype(self.dtype)
 
 
+# XLA:CPU computes a convolution's kernel gradient as another convolution whose only contracted feature is the
+# batch (2-8 wide), at ~40% of the forward's speed; written as one GEMM over the input's im2col patches it
+# takes 0.5-0.8x the time for layers with >= this many input and output channels (benchmarks/train_step.py).
+GEMM_KERNEL_GRAD_MIN_CHANNELS = 64
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_conv(x, kernel, stride: int, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _im2col(x, kernel_shape, stride: int, padding, out_h: int, out_w: int) -> jax.Array:
+  """(N,H,W,C) -> (N*out_h*out_w, kh*kw*C): the zero-padded input window of every output pixel, HWIO order."""
+  kh, kw = kernel_shape
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  n, c = x.shape[0], x.shape[-1]
+  taps = [jax.lax.slice(x, (0, i, j, 0), (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+                        (1, stride, stride, 1)) for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_gemm_kernel_grad(x, kernel, stride: int, padding):
+  """The same convolution; its kernel gradient is dy^T @ im2col(x) (one GEMM), its input gradient XLA's."""
+  return _lax_conv(x, kernel, stride, padding)
+
+
+def _conv_gemm_fwd(x, kernel, stride, padding):
+  return _lax_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_gemm_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  dx = jax.vjp(lambda x: _lax_conv(x, kernel, stride, padding), x)[1](dy)[0]
+  # A false dependence on dy: XLA would otherwise build every layer's patches as soon as the forward pass has
+  # run, all alive at once (+1 GB at batch 2); this way each is built right before its GEMM.
+  x = x + jnp.zeros((), x.dtype) * dy[(0,) * dy.ndim]
+  patches = _im2col(x, (kh, kw), stride, padding, dy.shape[1], dy.shape[2])
+  dw = jax.lax.dot_general(dy.reshape(-1, cout), patches, (((0,), (0,)), ((), ())))  # (out, kh*kw*in)
+  return dx, dw.reshape(cout, kh, kw, cin).transpose(1, 2, 3, 0).astype(kernel.dtype)
+
+
+_conv_gemm_kernel_grad.defvjp(_conv_gemm_fwd, _conv_gemm_bwd)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding=((0, 0), (0, 0))) -> jax.Array:
+  """lax.conv_general_dilated in NHWC/HWIO with explicit ((top, bottom), (left, right)) zero padding.
+
+  Same values and gradients everywhere; on CPU, layers with wide inputs and outputs compute their kernel
+  gradient as a GEMM (see GEMM_KERNEL_GRAD_MIN_CHANNELS).
+  """
+  padding = tuple(tuple(p) for p in padding)
+  kh, kw, cin, cout = kernel.shape
+  if (kh * kw > 1 and min(cin, cout) >= GEMM_KERNEL_GRAD_MIN_CHANNELS
+      and jax.default_backend() == "cpu"):
+    return _conv_gemm_kernel_grad(x, kernel, stride, padding)
+  return _lax_conv(x, kernel, stride, padding)
+
+
 class ConvTranspose3x3s2(nn.Module):
   """torch's ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1): (N,H,W,C) -> (N,2H,2W,features).
 
@@ -136,17 +197,25 @@ class ConvTranspose3x3s2(nn.Module):
       row = []
       for taps_w in self._TAP:
         taps_w = [t for t in taps_w if t is not None]
-        sub_kernel = kernel[np.ix_(taps_h, taps_w)]  # (offsets_h, offsets_w, in, out)
+        # (offsets_h, offsets_w, in, out)
+        sub_kernel = jnp.stack([jnp.stack([kernel[i, j] for j in taps_w]) for i in taps_h])
         # Offset 1 reads row m + 1: one zero row (column) past the end, which is torch's output_padding.
         padding = ((0, len(taps_h) - 1), (0, len(taps_w) - 1))
-        row.append(jax.lax.conv_general_dilated(x, sub_kernel, (1, 1), padding,
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        row.append(conv2d(x, sub_kernel, 1, padding))
       phases.append(jnp.stack(row, axis=3))  # (N,H,W,2,features)
     y = jnp.stack(phases, axis=2).reshape(n, 2 * h, 2 * w, self.features)  # (N,H,2,W,2,F) interleaved
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """An unpadded 1x1 convolution as one matrix product over the (strided) pixels: the same sums, and on CPU
+  its kernel gradient is a plain GEMM too (XLA's convolution form of it ran 2-5x slower)."""
+  if stride > 1:
+    x = x[:, ::stride, ::stride]
+  return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
 
 
 def _padding_pairs(padding):
@@ -182,13 +251,15 @@ class Conv(nn.Module):
     if k > 1 and uneven:
       x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
       padding = ((0, 0), (0, 0))
-    trim = k > 1 and all(p == (0, 0) for p in padding)
-    if trim:
-      padding = ((0, s), (0, 0))
-    y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (s, s), padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if trim:
-      y = y[:, :-1]
+    if k == 1 and all(p == (0, 0) for p in padding):
+      y = pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), s)
+    else:
+      trim = k > 1 and all(p == (0, 0) for p in padding)
+      if trim:
+        padding = ((0, s), (0, 0))
+      y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), s, padding)
+      if trim:
+        y = y[:, :-1]
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y

