@@ -63,6 +63,19 @@ def _xla_peak_bytes(compiled) -> int | None:
              + stats.temp_size_in_bytes)
 
 
+def generator_saved_bytes(config, batch_size: int) -> int:
+  """Bytes of the activations G's forward keeps for its backward pass (the residuals of jax.vjp), counted
+  from shapes alone: what the bf16 path and remat change, on any backend. (XLA:CPU's buffer assignment does
+  not reflect rematerialisation, so its peak is not the number to read for them.)"""
+  generator = build_models(config, 1).generator
+  size = (config.data.height, config.data.width, 3)
+  params = jax.eval_shape(lambda: generator.init(jax.random.key(0), jnp.zeros((1, *size)))["params"])
+  images = jax.ShapeDtypeStruct((batch_size, *size), jnp.float32)
+  vjp_fn = jax.eval_shape(lambda p, x: jax.vjp(lambda p, x: generator.apply({"params": p}, x), p, x)[1],
+                          params, images)
+  return int(sum(np.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp_fn)))
+
+
 def _timed(fn):
   """(result, wall seconds, process CPU seconds) of fn()."""
   wall, cpu = time.perf_counter(), time.process_time()
@@ -162,6 +175,7 @@ def main(argv):
       "compile_seconds": compile_seconds,
       "flops_per_step": flops,
       "xla_peak_memory_bytes": xla_peak,
+      "generator_saved_bytes": generator_saved_bytes(config, config.train.batch_size),
   }
   if FLAGS.steps > 0:
     # The matmul peak is taken before and after the steps (best of both), so that a burst of load from other
@@ -213,6 +227,7 @@ def print_summary(r):
           f"{r['peak_flops_per_cpu_second'] / 1e9:.1f} GFLOP per cpu second)")
   print(f"  peak memory       {gib(r['xla_peak_memory_bytes'])} (XLA buffers), "
         f"max RSS {gib(r['max_rss_bytes'])}")
+  print(f"  G saved for bwd   {gib(r['generator_saved_bytes'])} (activations G's backward pass reads)")
 
 
 if __name__ == "__main__":

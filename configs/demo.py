@@ -23,18 +23,19 @@ def shrink_to_demo(config):
   config.model.reid_width = 16
   config.loss.nce_layers = (0, 2, 3, 4, 6)  # the original's (0, 2, 3, 4, 8) with three residual blocks
   config.loss.num_patches = 64
-  # A few epochs instead of 60: larger learning rates than the thesis' 2e-4, no decay.
+  # 12 epochs instead of 60: larger learning rates than the thesis' 2e-4, no decay. The translation needs
+  # the epochs: at 4 the method was level with direct transfer, at 12 it is ~10 mAP ahead (README).
   for name in ("generator", "discriminator", "projector"):
     config.optim[name].lr = 1e-3
     config.optim[name].milestones = ()
   config.optim.reid.lr = 3e-3
   config.optim.reid.milestones = ()
   config.train.batch_size = 16
-  config.train.num_epochs = 4
+  config.train.num_epochs = 12
   config.train.log_every_steps = 17
-  config.train.eval_every_epochs = 2
-  config.train.checkpoint_every_steps = 136
-  config.train.sample_every_steps = 68
+  config.train.eval_every_epochs = 4
+  config.train.checkpoint_every_steps = 272
+  config.train.sample_every_steps = 136
   config.eval.batch_size = 100
   config.eval.visrank_topk = 5
   return config
