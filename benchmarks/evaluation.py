@@ -1,6 +1,7 @@
-"""Times evaluation at Market-1501 size: ranking (ours vs a per-query numpy loop), distances, re-ranking.
+"""Times evaluation at Market-1501 size: ranking (ours vs a per-query numpy loop), distances, re-ranking, and
+the test-time feature extractor's throughput (encoder + re-ID net at full size, flip included).
 
-python benchmarks/evaluation.py [--num_query=3368 --num_gallery=15913 --repeats=3 --json]
+python benchmarks/evaluation.py [--num_query=3368 --num_gallery=15913 --repeats=3 --extract_images=256 --json]
 The per-query loop is the plain way to write the protocol (argsort each row, drop same pid + camid, cumsum,
 AP); both run in the same process on the same distance matrix, alternately, and the best time of each counts.
 With --json the last line of stdout is a JSON object of the measurements.
@@ -8,11 +9,19 @@ With --json the last line of stdout is a JSON object of the measurements.
 
 import argparse
 import json
+import os
+import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from synth_reid_jax import evaluation
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from configs import default  # noqa: E402
+from synth_reid_jax import evaluation, features, sharding  # noqa: E402
+from synth_reid_jax.models import build_models  # noqa: E402
 
 # Market-1501 test split: 750 identities (+ "0" distractors) seen from 6 cameras.
 MARKET_QUERY, MARKET_GALLERY, MARKET_IDS, MARKET_CAMERAS, MARKET_DISTRACTORS = 3368, 15913, 751, 6, 2798
@@ -66,6 +75,34 @@ def best_time(fn, repeats):
   return min(times), out
 
 
+def extraction_images_per_s(num_images, batch_size, height, width, flip, repeats):
+  """Throughput of features.make_feature_fn (the evaluation's extractor) on random images, randomly
+  initialised networks (the thesis' sizes, 538 classes), all local devices; the first batch compiles."""
+  config = default.get_config()
+  config.eval.flip = flip
+  models = build_models(config, 538)
+  key = jax.random.key(0)
+  images = jnp.zeros((1, height, width, 3))
+  g_vars = models.generator.init(key, images)
+  r_vars = models.reid.init(key, models.generator.apply(g_vars, images, method=type(models.generator)
+                                                        .encoder_output), train=False)
+  variables = {"params": {"generator": g_vars["params"], "reid": r_vars["params"]},
+               "batch_stats": {"reid": r_vars["batch_stats"]}}
+  mesh = sharding.create_mesh()
+  variables = jax.device_put(variables, sharding.replicated_sharding(mesh))
+  feature_fn = features.make_feature_fn(models, config, mesh)
+  batch = sharding.make_global_batch(
+      np.random.default_rng(0).uniform(-1, 1, (batch_size, height, width, 3)).astype(np.float32), mesh)
+  jax.block_until_ready(feature_fn(variables, batch))
+  batches = max(1, num_images // batch_size)
+  def run():
+    for _ in range(batches):
+      out = feature_fn(variables, batch)
+    return jax.block_until_ready(out)
+  seconds, _ = best_time(run, repeats)
+  return batches * batch_size / seconds
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_query", type=int, default=MARKET_QUERY)
@@ -78,6 +115,9 @@ def main():
   parser.add_argument("--rerank_query", type=int, default=500, help="re-ranking problem size")
   parser.add_argument("--rerank_gallery", type=int, default=3000)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--extract_images", type=int, default=256, help="images for the extractor; 0 skips it")
+  parser.add_argument("--extract_batch", type=int, default=32)
+  parser.add_argument("--extract_size", default="256x128", help="height x width")
   parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
   args = parser.parse_args()
 
@@ -114,11 +154,20 @@ def main():
   rows.append((f"re_ranking {n_q} x {n_g} (k1=20, k2=6)", t_rerank))
   results.update(rerank_query=n_q, rerank_gallery=n_g, rerank_s=t_rerank)
 
+  if args.extract_images > 0:
+    height, width = (int(v) for v in args.extract_size.split("x"))
+    for flip in (False, True):
+      rate = extraction_images_per_s(args.extract_images, args.extract_batch, height, width, flip,
+                                     args.repeats)
+      rows.append((f"features {height}x{width}, batch {args.extract_batch}{', flip' if flip else ''} (img/s)",
+                   rate))
+      results["extract_images_per_s" + ("_flip" if flip else "")] = rate
+
   print(f"Market-sized ranking: {args.num_query} queries x {args.num_gallery} gallery, {args.num_ids} ids, "
         f"{args.num_cams} cameras, best of {args.repeats}")
-  print(f"{'step':<46}{'seconds':>10}")
+  print(f"{'step':<58}{'seconds':>10}")
   for name, seconds in rows:
-    print(f"{name:<46}{seconds:>10.3f}")
+    print(f"{name:<58}{seconds:>10.3f}" if "img/s" not in name else f"{name:<58}{seconds:>10.1f}")
   print(f"evaluate_rank speed-up over the per-query loop: {t_loop / t_ours:.2f}x "
         f"(mAP {ours[1]:.4f}, rank-1 {ours[0][0]:.4f}; max |CMC diff| {results['max_cmc_diff']:.1e}, "
         f"|mAP diff| {results['mAP_diff']:.1e})")

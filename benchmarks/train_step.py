@@ -26,7 +26,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from synth_reid_jax import sharding, train_state, train_step  # noqa: E402
-from synth_reid_jax.models import build_models  # noqa: E402
+from synth_reid_jax.models import build_models, generator_saved_bytes  # noqa: E402
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/gta2duke.py.")
@@ -61,19 +61,6 @@ def _xla_peak_bytes(compiled) -> int | None:
     return None
   return int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
              + stats.temp_size_in_bytes)
-
-
-def generator_saved_bytes(config, batch_size: int) -> int:
-  """Bytes of the activations G's forward keeps for its backward pass (the residuals of jax.vjp), counted
-  from shapes alone: what the bf16 path and remat change, on any backend. (XLA:CPU's buffer assignment does
-  not reflect rematerialisation, so its peak is not the number to read for them.)"""
-  generator = build_models(config, 1).generator
-  size = (config.data.height, config.data.width, 3)
-  params = jax.eval_shape(lambda: generator.init(jax.random.key(0), jnp.zeros((1, *size)))["params"])
-  images = jax.ShapeDtypeStruct((batch_size, *size), jnp.float32)
-  vjp_fn = jax.eval_shape(lambda p, x: jax.vjp(lambda p, x: generator.apply({"params": p}, x), p, x)[1],
-                          params, images)
-  return int(sum(np.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp_fn)))
 
 
 def _timed(fn):

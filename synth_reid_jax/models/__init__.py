@@ -2,6 +2,10 @@
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from synth_reid_jax.models.discriminator import Discriminator
 from synth_reid_jax.models.generator import Generator
 from synth_reid_jax.models.layers import canonical_dtype
@@ -12,7 +16,7 @@ BACKBONES = ("generator", "resnet50")
 
 __all__ = [
     "BACKBONES", "Discriminator", "Generator", "Models", "Projector", "ReIDNet", "ResNetStem", "build_models",
-    "frozen_params_mask", "l2_normalize", "sample_patch_ids",
+    "frozen_params_mask", "generator_saved_bytes", "l2_normalize", "sample_patch_ids",
 ]
 
 
@@ -43,3 +47,16 @@ def build_models(config, num_classes: int) -> Models:
       reid=ReIDNet(num_classes, stages=tuple(m.reid_stages), width=m.reid_width, dtype=dtype),
       stem=stem,
   )
+
+
+def generator_saved_bytes(config, batch_size: int) -> int:
+  """Bytes of the activations G's forward keeps for its backward pass (the residuals of jax.vjp), counted
+  from shapes alone: what the bf16 path and remat change, on any backend. (XLA:CPU's buffer assignment does
+  not reflect rematerialisation, so its peak is not the number to read for them.)"""
+  generator = build_models(config, 1).generator
+  size = (config.data.height, config.data.width, 3)
+  params = jax.eval_shape(lambda: generator.init(jax.random.key(0), jnp.zeros((1, *size)))["params"])
+  images = jax.ShapeDtypeStruct((batch_size, *size), jnp.float32)
+  vjp_fn = jax.eval_shape(lambda p, x: jax.vjp(lambda p, x: generator.apply({"params": p}, x), p, x)[1],
+                          params, images)
+  return int(sum(np.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp_fn)))
