@@ -415,6 +415,20 @@ def test_pointwise_conv_matches_xla_convolution(stride, hw):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_l2_normalize_values_and_gradients():
+  from synth_reid_jax.models import projector
+  x = normal(21, (5, 8)).at[2].set(0.0)  # one all-zero row, as a patch with every MLP hidden unit off
+  y = projector.l2_normalize(x)
+  naive = lambda x: x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + projector.L2_NORM_EPS)
+  np.testing.assert_allclose(y, naive(x), rtol=1e-6)
+  assert not np.any(y[2])
+  loss = lambda f: (lambda x: jnp.sum(jnp.sin(3.0 * f(x))))
+  grad = jax.grad(loss(projector.l2_normalize))(x)
+  assert np.all(np.isfinite(grad))  # the naive form's sqrt gives NaN here and stops training
+  assert np.isnan(jax.grad(loss(naive))(x)[2]).all()
+  np.testing.assert_allclose(np.delete(grad, 2, 0), np.delete(jax.grad(loss(naive))(x), 2, 0), rtol=1e-5)
+
+
 def test_instance_norm_statistics():
   x = 3.0 + 2.0 * normal(15, (2, 8, 6, 4))
   y = layers.instance_norm(x)

@@ -12,9 +12,17 @@ L2_NORM_EPS = 1e-7  # the original divides by (norm + 1e-7)
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-  """x / (||x||_2 + 1e-7) over the last axis, in float32, as the original's Normalize."""
+  """x / (||x||_2 + 1e-7) over the last axis, in float32, as the original's Normalize.
+
+  An all-zero vector (a patch whose MLP hidden units are all off, with zero biases) maps to zero, as in the
+  original; its gradient takes the norm's subgradient 0 there, where sqrt's derivative would give inf * 0 =
+  NaN (the original's pow(0.5) has the same NaN) and stop training.
+  """
   x = x.astype(jnp.float32)
-  return x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)) + L2_NORM_EPS)
+  squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  nonzero = squared > 0
+  norm = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
+  return x / (norm + L2_NORM_EPS)
 
 
 def sample_patch_ids(rng: jax.Array, feats: Sequence[jax.Array], num_patches: int) -> list[jax.Array]:
