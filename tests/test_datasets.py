@@ -268,6 +268,16 @@ def test_toy_rebuilds_when_its_config_changes(tiny_toy_config, tmp_path):
   assert pickle.loads(pickle.dumps(rebuilt)).toy_config == smaller
 
 
+def test_toy_rebuilds_when_its_rendering_changes(tiny_toy_config, tmp_path, monkeypatch):
+  builder = datasets.get_builder("reid_toy/synthetic", str(tmp_path), toy_config=tiny_toy_config)
+  assert builder.info.metadata["toy_config"]["render_version"] == toy.RENDER_VERSION
+  monkeypatch.setattr(toy, "RENDER_VERSION", toy.RENDER_VERSION + 1)
+  rebuilt = datasets.get_builder("reid_toy/synthetic", str(tmp_path), toy_config=tiny_toy_config)
+  assert rebuilt.info.metadata["toy_config"]["render_version"] == toy.RENDER_VERSION
+  images_dirs = list((tmp_path / "downloads" / "reid_toy").iterdir())
+  assert len(images_dirs) == 2  # the images of each rendering version are kept apart
+
+
 def test_toy_config_rejects_impossible_splits():
   with pytest.raises(ValueError, match="queries_per_id=4 leaves no gallery image"):
     toy.ToyConfig(images_per_id=4, queries_per_id=4)

@@ -27,6 +27,9 @@ from synth_reid_jax.datasets import parsing
 DOMAINS = ("synthetic", "real")
 CHUNK = 256  # images rendered at once; pixel noise is drawn per chunk so results do not depend on memory
 CONFIG_FILE = "toy_config.json"
+# Bump whenever the same ToyConfig would draw different images: it is part of the settings stored with (and
+# the cache key of) a prepared reid_toy, so an older one is rebuilt instead of silently reused.
+RENDER_VERSION = 1
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 # Body proportions, as fractions of the person's height (a person of 1.0 spans head to toe).
@@ -105,8 +108,9 @@ class ToyConfig:
           "ToyConfig: need >= 1 train and test identity, >= 1 query per identity and >= 2 cameras.")
 
   def to_json(self) -> dict:
-    """The settings as plain JSON values (tuples become lists), as stored with a prepared dataset."""
-    return json.loads(json.dumps(dataclasses.asdict(self)))
+    """The settings as plain JSON values (tuples become lists) and the RENDER_VERSION, as stored with a
+    prepared dataset."""
+    return json.loads(json.dumps({**dataclasses.asdict(self), "render_version": RENDER_VERSION}))
 
 
 def _hsv_to_rgb(h, s, v):
