@@ -176,6 +176,7 @@ def main(argv):
     results.update(
         step_seconds=step_seconds,
         step_seconds_min=min(walls),
+        step_seconds_all=walls,
         step_cpu_seconds=step_cpu_seconds,
         images_per_s=config.train.batch_size / step_seconds,
         peak_flops=peak_flops,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from synth_reid_jax import sharding
+from synth_reid_jax import compile_options, sharding
 
 
 def _sub(variables, name):
@@ -42,7 +42,8 @@ def make_feature_fn(models, config, mesh):
   flip = bool(config.eval.flip)
   return jax.jit(lambda variables, images: embed(models, variables, images, flip),
                  in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
+                 out_shardings=sharding.batch_sharding(mesh),
+                 compiler_options=compile_options.compiler_options())
 
 
 def to_host(x):

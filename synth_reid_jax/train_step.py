@@ -1,6 +1,6 @@
 """The one jit-compiled, data-parallel train step of Synth-ReID.
 
-Per batch of synthetic images s (identities pid) and real images r, in the original's order:
+Per batch of synthetic images s (identities pid) and real images r, the original's updates:
   1. translate s -> G(s); the same encoder pass over s gives the PatchNCE keys and the re-ID input (its last
      layer), as the original's separate passes would (G has no state, so the math is identical);
   2. G's losses: LSGAN on D(G(s)), feature matching between D(r) and D(G(s)), PatchNCE between the encoder
@@ -10,11 +10,15 @@ Per batch of synthetic images s (identities pid) and real images r, in the origi
   4. D's losses on the stopped translations: LSGAN real/fake and feature matching between D(s) and D(G(s));
      D's update;
   5. in the disjoint mode, R's losses and update on the stopped encoder features.
-Loss weights of 0 drop their terms (and the networks only they need) when tracing; the only runtime switch is
-the epoch from which the re-ID loss is on (loss.reid_start_epoch), a select inside the compiled step.
+Steps 2 and 4 both read D with its parameters from before the step (the original updates D after G), on the
+same G(s) and r, so one forward pass of D over G(s), r and s serves both: G's backward pass takes the input
+gradient on G(s) from it, D's the parameter gradient - the same numbers as two separate passes, 2% fewer
+FLOPs. Loss weights of 0 drop their terms (and the networks only they need) when tracing; the only runtime
+switch is the epoch from which the re-ID loss is on (loss.reid_start_epoch), a select inside the compiled
+step.
 """
 
-import itertools
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from synth_reid_jax import losses, optim
+from synth_reid_jax import compile_options, losses, optim
 from synth_reid_jax.models import Models, sample_patch_ids
 from synth_reid_jax.models.discriminator import NUM_LAYERS as _DISCRIMINATOR_LAYERS
 from synth_reid_jax.sharding import batch_sharding, check_batch_size, replicated_sharding
@@ -123,19 +127,14 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
     return sum(per_layer) / len(per_layer)
 
   def generator_objective(trainable, frozen, batch, rng, reid_gate):
-    """G's (+ F's, + R's in the joint mode) weighted loss; aux = (terms, G(s), encoder output, R's state)."""
+    """G's (+ F's, + R's in the joint mode) weighted non-adversarial loss, differentiable in G(s) too.
+
+    -> ((loss, G(s)), (terms, encoder output of s, R's new state)); the GAN and feature-matching terms come
+    from the shared pass of D (`adversarial_passes`) and join through G(s)'s cotangent.
+    """
     source, target = batch["source"], batch["target"]
     terms, aux = {}, {}
     fake, source_feats = generate(trainable["generator"], source)  # G(s) and the encoder features of s
-    # GAN: D should score G(s) as real; feature matching pulls D's features of G(s) towards those of r.
-    if w.gan > 0 or w.sim > 0:
-      fake_score, fake_dis_feats = discriminate(
-          frozen["discriminator"], fake, dis_layers if w.sim > 0 else (), score=w.gan > 0)
-      if w.gan > 0:
-        terms["gen_gan"] = losses.lsgan_loss(fake_score, target_is_real=True) * w.gan
-      if w.sim > 0:
-        _, real_dis_feats = discriminate(frozen["discriminator"], target, dis_layers, score=False)
-        terms["gen_sim"] = losses.feature_matching_loss(real_dis_feats, fake_dis_feats, w.sim_type) * w.sim
     # PatchNCE: queries from the encoder of G(s), keys from the encoder of s.
     if use_nce:
       nce_rng, idt_rng = jax.random.split(rng)
@@ -155,33 +154,61 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
           w)
       gate = 1.0 if reid_gate is None else reid_gate
       terms["reid_ce"], terms["reid_triplet"], aux["reid_acc"] = gate * ce, gate * triplet, gate * acc
-    total = sum(terms.values())
-    return total, (terms, fake, source_feats[encoder_output], aux)
+    total = sum(terms.values(), jnp.zeros((), jnp.float32))
+    return (total, fake), (terms, source_feats[encoder_output], aux)
 
-  def discriminator_objective(d_params, source, target, fake):
-    """D's weighted loss on real r, stopped G(s), and feature matching between D(s) and D(G(s)).
+  # D sees G(s) (its fake score; its features for both feature-matching terms), r (its real score; the target
+  # of G's feature matching) and s (the source of D's feature matching). One forward pass of D serves G's and
+  # D's objectives - both use D's parameters from before this step's update, as the original's separate
+  # passes do - and the two backward passes take from it what each needs: G's the input gradient on G(s), D's
+  # the parameter gradient.
+  adversarial = w.gan > 0 or w.sim > 0 or w.dis > 0
+  feature_layers = dis_layers if w.sim > 0 else ()
+  real_images = (("target",) if w.dis > 0 or w.sim > 0 else ()) + (("source",) if w.sim > 0 else ())
 
-    D treats every image on its own (instance norm), so one pass over [G(s); r; s] equals three passes.
-    """
-    images = {"fake": fake}
-    if w.dis > 0:
-      images["real"] = target
+  def adversarial_passes(d_params, batch, fake):
+    """((D's outputs on G(s), vjp), (D's outputs on the real images, vjp) or None); outputs are (score or
+    None, [features at dis_layers])."""
+    on_fake = functools.partial(discriminate, feature_layers=feature_layers, score=w.gan > 0 or w.dis > 0)
+    fake_pass = jax.vjp(on_fake, d_params, fake)
+    if not real_images:
+      return fake_pass, None
+    reals = jnp.concatenate([batch[name] for name in real_images])
+    # D treats every image on its own (instance norm), so one pass over [r; s] equals two.
+    real_pass = jax.vjp(functools.partial(
+        discriminate, x=reals, feature_layers=feature_layers, score=w.dis > 0), d_params)
+    return fake_pass, real_pass
+
+  def split_reals(outputs):
+    """D's (score, features) on [r; s] -> {name: (score, features)}."""
+    score, feats = outputs
+    pieces = lambda y: dict(zip(real_images, jnp.split(y, len(real_images))))
+    scores = pieces(score) if score is not None else dict.fromkeys(real_images)
+    feats = [pieces(f) for f in feats]
+    return {name: (scores[name], [f[name] for f in feats]) for name in real_images}
+
+  def generator_adversarial(fake_outputs, real_outputs):
+    """G's LSGAN (D should score G(s) as real) and feature matching (D's features of G(s) towards r's)."""
+    fake_score, fake_feats = fake_outputs
+    terms = {}
+    if w.gan > 0:
+      terms["gen_gan"] = losses.lsgan_loss(fake_score, target_is_real=True) * w.gan
     if w.sim > 0:
-      images["source"] = source
-    score, feats = discriminate(d_params, jnp.concatenate(list(images.values())),
-                                dis_layers if w.sim > 0 else (), score=w.dis > 0)
-    splits = list(itertools.accumulate(len(x) for x in images.values()))[:-1]
-    split = lambda y: dict(zip(images, jnp.split(y, splits)))
+      real_feats = split_reals(real_outputs)["target"][1]
+      terms["gen_sim"] = losses.feature_matching_loss(real_feats, fake_feats, w.sim_type) * w.sim
+    return sum(terms.values(), jnp.zeros((), jnp.float32)), terms
+
+  def discriminator_adversarial(fake_outputs, real_outputs):
+    """D's LSGAN on r (real) and the stopped G(s) (fake), and feature matching between D(s) and D(G(s))."""
+    fake_score, fake_feats = fake_outputs
+    reals = split_reals(real_outputs) if real_outputs is not None else {}
     terms = {}
     if w.dis > 0:
-      scores = split(score)
-      terms["dis_real"] = losses.lsgan_loss(scores["real"], target_is_real=True) * w.dis
-      terms["dis_fake"] = losses.lsgan_loss(scores["fake"], target_is_real=False) * w.dis
+      terms["dis_real"] = losses.lsgan_loss(reals["target"][0], target_is_real=True) * w.dis
+      terms["dis_fake"] = losses.lsgan_loss(fake_score, target_is_real=False) * w.dis
     if w.sim > 0:
-      per_image = [split(f) for f in feats]
-      terms["dis_sim"] = losses.feature_matching_loss(
-          [f["source"] for f in per_image], [f["fake"] for f in per_image], w.sim_type) * w.sim
-    return sum(terms.values()), terms
+      terms["dis_sim"] = losses.feature_matching_loss(reals["source"][1], fake_feats, w.sim_type) * w.sim
+    return sum(terms.values(), jnp.zeros((), jnp.float32)), terms
 
   def reid_objective(reid_params, batch_stats, features, pids):
     ce, triplet, acc, new_stats = reid_losses(models, reid_params, batch_stats, features, pids, w)
@@ -194,14 +221,38 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
     metrics = {name: jnp.zeros((), jnp.float32) for name in LOSS_METRICS}
     metrics["reid_acc"] = jnp.zeros((), jnp.float32)
 
-    # --- G, F (and R in the joint mode): one gradient, then their updates.
+    # --- G's forward pass (with F's and, in the joint mode, R's), then D's shared pass.
     if train_generator:
       trainable_names = ["generator"] + (["projector"] if use_nce else []) + (["reid"] if joint else [])
       trainable = {name: params[name] for name in trainable_names}
-      frozen = {"discriminator": params["discriminator"], "reid_batch_stats": batch_stats["reid"]}
-      grads, (g_terms, fake, reid_input, aux) = jax.grad(generator_objective, has_aux=True)(
-          trainable, frozen, batch, rng, reid_gate)
+      frozen = {"reid_batch_stats": batch_stats["reid"]}
+      (g_loss, fake), g_vjp, (g_terms, reid_input, aux) = jax.vjp(
+          lambda t: generator_objective(t, frozen, batch, rng, reid_gate), trainable, has_aux=True)
       metrics.update(g_terms)
+    else:  # no loss trains G: it only translates (for D) and encodes (for the disjoint R)
+      fake, source_feats = generate(params["generator"], batch["source"])
+      reid_input = source_feats[encoder_output]
+
+    fake_cotangent = jnp.zeros_like(fake)
+    if adversarial:
+      (fake_outputs, fake_vjp), real_pass = adversarial_passes(params["discriminator"], batch, fake)
+      real_outputs, real_vjp = real_pass if real_pass is not None else (None, None)
+      if train_generator and (w.gan > 0 or w.sim > 0):
+        (_, adv_terms), outputs_cotangent = jax.value_and_grad(generator_adversarial, has_aux=True)(
+            fake_outputs, real_outputs)
+        metrics.update(adv_terms)
+        _, fake_cotangent = fake_vjp(outputs_cotangent)  # D's parameter gradient here is unused (pruned)
+      if train_discriminator:
+        (_, d_terms), (fake_ct, real_ct) = jax.value_and_grad(
+            discriminator_adversarial, argnums=(0, 1), has_aux=True)(fake_outputs, real_outputs)
+        metrics.update(d_terms)
+        d_grads, _ = fake_vjp(fake_ct)  # G(s) stopped: its input gradient is unused (pruned)
+        if real_vjp is not None:
+          d_grads = jax.tree.map(jnp.add, d_grads, real_vjp(real_ct)[0])
+
+    # --- G, F (and R in the joint mode): one gradient, then their updates.
+    if train_generator:
+      grads, = g_vjp((jnp.ones_like(g_loss), fake_cotangent))
       for name in trainable_names:
         new_params, new_opt_state = _update(optimizers[name], params[name], grads[name], opt_state[name],
                                             lrs[name])
@@ -211,15 +262,9 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
               (params[name], opt_state[name], batch_stats[name]))
           metrics["reid_acc"] = aux["reid_acc"]
         params[name], opt_state[name] = new_params, new_opt_state
-    else:  # no loss trains G: it only translates (for D) and encodes (for the disjoint R)
-      fake, source_feats = generate(params["generator"], batch["source"])
-      reid_input = source_feats[encoder_output]
 
-    # --- D on the stopped translations.
+    # --- D, from the same pass on the stopped translations.
     if train_discriminator:
-      d_grads, d_terms = jax.grad(discriminator_objective, has_aux=True)(
-          params["discriminator"], batch["source"], batch["target"], jax.lax.stop_gradient(fake))
-      metrics.update(d_terms)
       params["discriminator"], opt_state["discriminator"] = _update(
           optimizers["discriminator"], params["discriminator"], d_grads, opt_state["discriminator"],
           lrs["discriminator"])
@@ -287,8 +332,9 @@ def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_pe
   state: replicated (sharding.replicate) and donated; batch: {"source" (B,H,W,3), "pid" (B,), "target"
   (B,H,W,3) or None when no loss reads it} split over the "data" axis (sharding.make_global_batch); rng:
   replicated, one per step. Metrics are global scalars: the weighted loss terms (LOSS_METRICS, 0 when off),
-  reid_acc (percent) and lr_<network> of every trained network. `compiler_options` go to XLA (e.g.
-  {"xla_backend_optimization_level": 0} compiles about twice as fast, for tests).
+  reid_acc (percent) and lr_<network> of every trained network. `compiler_options` go to XLA on top of
+  compile_options.compiler_options() (e.g. {"xla_backend_optimization_level": 0} compiles about twice as fast,
+  for tests).
   """
   check_batch_size(config.train.batch_size, mesh)
   lr_fns = {name: optim.create_learning_rate_fn(config.optim[OPTIMIZER_CONFIG[name]], steps_per_epoch)
@@ -297,4 +343,5 @@ def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_pe
   step = make(config, models, optimizers, lr_fns, steps_per_epoch)
   replicated = replicated_sharding(mesh)
   return jax.jit(step, in_shardings=(replicated, batch_sharding(mesh), replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=compiler_options)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 compiler_options=compile_options.compiler_options(compiler_options))

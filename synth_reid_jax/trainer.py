@@ -20,6 +20,7 @@ from PIL import Image
 
 from synth_reid_jax import (
     checkpointing,
+    compile_options,
     evaluation,
     features,
     input_pipeline,
@@ -223,7 +224,8 @@ def skip_nonfinite(step_fn, mesh):
 
   replicated = sharding.replicated_sharding(mesh)
   return jax.jit(guarded, in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 compiler_options=compile_options.compiler_options())
 
 
 # --- Evaluation --------------------------------------------------------------------------------------

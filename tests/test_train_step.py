@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from synth_reid_jax import sharding, train_state, train_step
+from synth_reid_jax import losses, sharding, train_state, train_step
 from synth_reid_jax.models import build_models
 
 NUM_CLASSES = 3
@@ -199,3 +199,43 @@ def test_indivisible_batch_is_an_error():
   config.train.batch_size = 6
   with pytest.raises(ValueError, match="multiple of 4"):
     train_step.make_train_step(config, build_models(config, NUM_CLASSES), {}, 1, sharding.create_mesh())
+
+
+def test_shared_discriminator_pass_gives_each_update_its_own_gradient():
+  """One pass of D serves G's and D's objectives: G and D move exactly as under separate jax.grad calls of the
+  original's two objectives (D frozen in G's, G(s) stopped in D's), both reading D from before the step."""
+  config = tiny_config(gan=1.0, sim=0.5, dis=0.5, nce=0.0, reid_ce=0.0)
+  run = Run(config, devices=jax.devices()[:1])
+  state, (metrics,) = run()
+  models, init, w = build_models(config, NUM_CLASSES), run.init, config.loss
+  batch = fake_batch()
+  d_layers = tuple(w.dis_layers) + (train_step.DIS_SCORE_LAYER,)
+  discriminate = lambda d, x: models.discriminator.apply({"params": d}, x, layers=d_layers)
+  translate = lambda g: models.generator.apply({"params": g}, batch["source"], layers=(0,))[0]
+
+  def generator_loss(g):
+    *fake_feats, fake_score = discriminate(init.params["discriminator"], translate(g))
+    real_feats = discriminate(init.params["discriminator"], batch["target"])[:-1]
+    return (losses.lsgan_loss(fake_score, True) * w.gan
+            + losses.feature_matching_loss(real_feats, fake_feats, w.sim_type) * w.sim)
+
+  def discriminator_loss(d):
+    *fake_feats, fake_score = discriminate(d, translate(init.params["generator"]))
+    *source_feats, _ = discriminate(d, batch["source"])
+    real_score = discriminate(d, batch["target"])[-1]
+    return ((losses.lsgan_loss(real_score, True) + losses.lsgan_loss(fake_score, False)) * w.dis
+            + losses.feature_matching_loss(source_feats, fake_feats, w.sim_type) * w.sim)
+
+  for name, loss in (("generator", generator_loss), ("discriminator", discriminator_loss)):
+    grads = jax.grad(loss)(init.params[name])
+    want, _ = train_step._update(run.optimizers[name], init.params[name], grads, init.opt_state[name],
+                                 metrics[f"lr_{name}"])
+    for path, value in jax.tree_util.tree_leaves_with_path(want):
+      if _is_bias_before_instance_norm((jax.tree_util.DictKey(name), *path)):
+        continue
+      got = state.params[name]
+      for key in path:
+        got = got[key.key]
+      np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert metrics["gen_gan"] == pytest.approx(float(generator_loss(init.params["generator"]))
+                                             - metrics["gen_sim"], rel=1e-5)

@@ -108,65 +108,14 @@ class BatchNorm(nn.Module):
     return (xf * mul + (bias - mean * mul)).astype(self.dtype)
 
 
-# XLA:CPU computes a convolution's kernel gradient as another convolution whose only contracted feature is the
-# batch (2-8 wide), at ~40% of the forward's speed; written as one GEMM over the input's im2col patches it
-# takes 0.5-0.8x the time for layers with >= this many input and output channels (benchmarks/train_step.py).
-GEMM_KERNEL_GRAD_MIN_CHANNELS = 64
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def _lax_conv(x, kernel, stride: int, padding):
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding=((0, 0), (0, 0))) -> jax.Array:
+  """lax.conv_general_dilated in NHWC/HWIO with explicit ((top, bottom), (left, right)) zero padding."""
+  padding = tuple(tuple(p) for p in padding)
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                       dimension_numbers=_DIMENSION_NUMBERS)
-
-
-def _im2col(x, kernel_shape, stride: int, padding, out_h: int, out_w: int) -> jax.Array:
-  """(N,H,W,C) -> (N*out_h*out_w, kh*kw*C): the zero-padded input window of every output pixel, HWIO order."""
-  kh, kw = kernel_shape
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  n, c = x.shape[0], x.shape[-1]
-  taps = [jax.lax.slice(x, (0, i, j, 0), (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
-                        (1, stride, stride, 1)) for i in range(kh) for j in range(kw)]
-  return jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * c)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_gemm_kernel_grad(x, kernel, stride: int, padding):
-  """The same convolution; its kernel gradient is dy^T @ im2col(x) (one GEMM), its input gradient XLA's."""
-  return _lax_conv(x, kernel, stride, padding)
-
-
-def _conv_gemm_fwd(x, kernel, stride, padding):
-  return _lax_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _conv_gemm_bwd(stride, padding, residuals, dy):
-  x, kernel = residuals
-  kh, kw, cin, cout = kernel.shape
-  dx = jax.vjp(lambda x: _lax_conv(x, kernel, stride, padding), x)[1](dy)[0]
-  # A false dependence on dy: XLA would otherwise build every layer's patches as soon as the forward pass has
-  # run, all alive at once (+1 GB at batch 2); this way each is built right before its GEMM.
-  x = x + jnp.zeros((), x.dtype) * dy[(0,) * dy.ndim]
-  patches = _im2col(x, (kh, kw), stride, padding, dy.shape[1], dy.shape[2])
-  dw = jax.lax.dot_general(dy.reshape(-1, cout), patches, (((0,), (0,)), ((), ())))  # (out, kh*kw*in)
-  return dx, dw.reshape(cout, kh, kw, cin).transpose(1, 2, 3, 0).astype(kernel.dtype)
-
-
-_conv_gemm_kernel_grad.defvjp(_conv_gemm_fwd, _conv_gemm_bwd)
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding=((0, 0), (0, 0))) -> jax.Array:
-  """lax.conv_general_dilated in NHWC/HWIO with explicit ((top, bottom), (left, right)) zero padding.
-
-  Same values and gradients everywhere; on CPU, layers with wide inputs and outputs compute their kernel
-  gradient as a GEMM (see GEMM_KERNEL_GRAD_MIN_CHANNELS).
-  """
-  padding = tuple(tuple(p) for p in padding)
-  kh, kw, cin, cout = kernel.shape
-  if (kh * kw > 1 and min(cin, cout) >= GEMM_KERNEL_GRAD_MIN_CHANNELS
-      and jax.default_backend() == "cpu"):
-    return _conv_gemm_kernel_grad(x, kernel, stride, padding)
-  return _lax_conv(x, kernel, stride, padding)
 
 
 class ConvTranspose3x3s2(nn.Module):
