@@ -176,9 +176,20 @@ def check_workdir_config(config, workdir):
 
 
 def write_config(config, workdir):
-  """<workdir>/config.json: the config of the latest run in this workdir."""
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  """<workdir>/config.json: the config of the latest run in this workdir.
+
+  Written to a temporary file and renamed, so that a reader (another process of a multi-host run checking
+  the workdir, or a crash halfway) sees the old file or the new one, never a partial one.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  temporary = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(temporary, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 # --- Data ------------------------------------------------------------------------------------------

@@ -180,6 +180,30 @@ def test_workdir_from_another_config_is_refused(data_dirs, tmp_path):
   trainer.check_workdir_config(tiny_config(data_dirs), str(tmp_path))  # the same config is fine
 
 
+def test_config_json_is_replaced_whole(data_dirs, tmp_path, monkeypatch):
+  """Another process of a multi-host run reads config.json while process 0 rewrites it: it must see a whole
+  file (a truncated one failed a two-process run with a JSON error); a failed write keeps the old file."""
+  config = tiny_config(data_dirs)
+  trainer.write_config(config, str(tmp_path))
+  before = (tmp_path / trainer.CONFIG_FILE).read_text()
+
+  def interrupted(src, dst):
+    assert json.loads((tmp_path / trainer.CONFIG_FILE).read_text())  # still the whole old file
+    raise OSError("disk full")
+
+  monkeypatch.setattr(trainer.os, "replace", interrupted)
+  other = tiny_config(data_dirs)
+  other.model.ngf = 16
+  with pytest.raises(OSError, match="disk full"):
+    trainer.write_config(other, str(tmp_path))
+  assert (tmp_path / trainer.CONFIG_FILE).read_text() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == [trainer.CONFIG_FILE]  # no temporary left
+  monkeypatch.undo()
+  trainer.write_config(other, str(tmp_path))
+  assert json.loads((tmp_path / trainer.CONFIG_FILE).read_text())["model"]["ngf"] == 16
+  assert sorted(p.name for p in tmp_path.iterdir()) == [trainer.CONFIG_FILE]
+
+
 def test_unknown_dataset_and_batch_size_fail_before_compiling(data_dirs, tmp_path):
   config = tiny_config(data_dirs)
   config.data.eval_datasets = ("market",)
