@@ -418,6 +418,37 @@ def test_instance_norm_statistics():
   assert layers.instance_norm(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+def test_instance_norm_matches_a_float64_reference():
+  x = 3.0 + 2.0 * normal(17, (2, 40, 36, 8))  # 1440 pixels: past XLA's 32-wide reduction windows
+  xd = np.asarray(x, np.float64)
+  want = (xd - xd.mean(axis=(1, 2), keepdims=True)) / np.sqrt(xd.var(axis=(1, 2), keepdims=True) + 1e-5)
+  np.testing.assert_allclose(layers.instance_norm(x), want, atol=2e-5)
+
+
+def test_add_bias_gradient_sums_over_batch_and_pixels():
+  y, w = normal(18, (2, 40, 36, 8)), normal(19, (2, 40, 36, 8))
+  bias = normal(20, (8,))
+  out = layers.add_bias(y, bias)
+  np.testing.assert_array_equal(out, y + bias)
+  grad = jax.grad(lambda b: jnp.sum(w * layers.add_bias(y, b)))(bias)
+  np.testing.assert_allclose(grad, np.asarray(w, np.float64).sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(layers.add_bias(y[:, 0, 0], bias), y[:, 0, 0] + bias)  # 2-D: a plain add
+
+
+def test_batch_norm_on_feature_maps_trains_with_torch_statistics():
+  x = 1.5 + 3.0 * normal(21, (3, 20, 12, 4))
+  bn = layers.BatchNorm()
+  v = bn.init(jax.random.PRNGKey(0), x, train=False)
+  y, updated = bn.apply(v, x, train=True, mutable=["batch_stats"])
+  xd = np.asarray(x, np.float64)
+  mean, var = xd.mean(axis=(0, 1, 2)), xd.var(axis=(0, 1, 2))
+  assert y.shape == x.shape
+  np.testing.assert_allclose(y, (xd - mean) / np.sqrt(var + 1e-5), atol=1e-4)
+  n = xd.size // 4
+  np.testing.assert_allclose(updated["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(updated["batch_stats"]["var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+
+
 def test_batch_norm_eval_uses_running_statistics():
   bn = layers.BatchNorm()
   x = normal(16, (6, 5))

@@ -55,17 +55,37 @@ def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
   return x
 
 
+def pixels_view(x: jax.Array) -> jax.Array:
+  """(N, H, W, C) -> (N, H * W, C), a free reshape.
+
+  XLA:CPU rewrites a sum over H and W into 32x32 reduce-windows plus a final sum (its tree reduction, for
+  accuracy); over the one flattened pixel axis its sums run 1.5-2.5x faster (instance norm forward +
+  backward at 64x32x256: 3.9 -> 1.6 ms; the generator's forward + backward at batch 2: 1011 -> 942 ms,
+  benchmarks/models_bench.py; the full train step: 2.02 -> 1.91 s). Reductions over pixels (norm
+  statistics, bias gradients) therefore run on this view.
+  """
+  n, h, w, c = x.shape
+  return x.reshape(n, h * w, c)
+
+
 def instance_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
   """InstanceNorm2d without affine parameters: per image and channel over H, W, statistics in float32.
 
   The variance is taken around the mean (two passes): as fast as E[x^2] - E[x]^2 here (XLA fuses both
   reductions; see benchmarks/models_bench.py) and without its cancellation when |mean| >> std.
   """
-  xf = x.astype(jnp.float32)
-  mean = jnp.mean(xf, axis=(1, 2), keepdims=True)
+  xf = pixels_view(x.astype(jnp.float32))
+  mean = jnp.mean(xf, axis=1, keepdims=True)
   centered = xf - mean
-  var = jnp.mean(jnp.square(centered), axis=(1, 2), keepdims=True)
-  return (centered * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+  var = jnp.mean(jnp.square(centered), axis=1, keepdims=True)
+  return (centered * jax.lax.rsqrt(var + eps)).astype(x.dtype).reshape(x.shape)
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias over the last axis; on the pixels view for a 4-D y, so its gradient is a fast reduction."""
+  if y.ndim != 4:
+    return y + bias
+  return (pixels_view(y) + bias).reshape(y.shape)
 
 
 class BatchNorm(nn.Module):
@@ -90,9 +110,11 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
     xf = x.astype(jnp.float32)
+    if x.ndim == 4:
+      xf = pixels_view(xf)  # the statistics' sums run over (N, H * W), see pixels_view
     if train:
-      axes = tuple(range(x.ndim - 1))
-      count = int(np.prod([x.shape[a] for a in axes]))
+      axes = tuple(range(xf.ndim - 1))
+      count = int(np.prod([xf.shape[a] for a in axes]))
       if count < 2:
         raise ValueError(f"BatchNorm in training needs more than one value per channel, got shape {x.shape}; "
                          "use a batch size > 1")
@@ -105,7 +127,7 @@ class BatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    return (xf * mul + (bias - mean * mul)).astype(self.dtype)
+    return (xf * mul + (bias - mean * mul)).astype(self.dtype).reshape(x.shape)
 
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -155,7 +177,7 @@ class ConvTranspose3x3s2(nn.Module):
     y = jnp.stack(phases, axis=2).reshape(n, 2 * h, 2 * w, self.features)  # (N,H,2,W,2,F) interleaved
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
+      y = add_bias(y, bias.astype(self.dtype))
     return y
 
 
@@ -210,7 +232,8 @@ class Conv(nn.Module):
       if trim:
         y = y[:, :-1]
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = add_bias(y, bias.astype(self.dtype))
     return y
 
 
