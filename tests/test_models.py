@@ -396,6 +396,39 @@ def test_pointwise_conv_matches_xla_convolution(stride, hw):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, kernel, stride, pad", [
+    ((2, 16, 12, 5), 3, 2, 1),  # the generator's downsampling convs
+    ((3, 16, 8, 6), 4, 2, 1),  # the discriminator's
+    ((1, 12, 12, 3), 7, 2, 3),  # a ResNet stem
+    ((2, 9, 9, 3), 3, 3, 1),
+    ((1, 8, 8, 2), 1, 2, 1),  # a kernel narrower than the stride: phases without taps
+])
+def test_strided_conv_gradients_by_phases_match_autodiff(shape, kernel, stride, pad):
+  x = normal(22, shape)
+  w = normal(23, (kernel, kernel, shape[-1], 4))
+  padding = ((pad, pad), (pad, pad))
+  y, want_vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, stride, padding), x, w)
+  y_phases, vjp = jax.vjp(lambda x, w: layers.strided_conv2d(x, w, stride, padding), x, w)
+  np.testing.assert_array_equal(y_phases, y)
+  dy = normal(24, y.shape)
+  for got, want in zip(vjp(dy), want_vjp(dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_module_takes_the_phase_gradients_for_strided_layers():
+  x = normal(25, (2, 16, 8, 6))
+  conv = layers.Conv(5, 3, stride=2, padding=1)
+  params = conv.init(jax.random.PRNGKey(0), x)
+  assert "strided_conv2d" in str(jax.make_jaxpr(conv.apply)(params, x))
+  narrow = x[..., :3]  # 3 input channels: autodiff's input gradient
+  narrow_params = conv.init(jax.random.PRNGKey(0), narrow)
+  assert "strided_conv2d" not in str(jax.make_jaxpr(conv.apply)(narrow_params, narrow))
+  loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))
+  plain = lambda p, x: jnp.sum(jnp.sin(layers.conv2d(x, p["params"]["kernel"], 2, ((1, 1), (1, 1)))))
+  for got, want in zip(jax.grad(loss, argnums=(0, 1))(params, x), jax.grad(plain, argnums=(0, 1))(params, x)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
 def test_l2_normalize_values_and_gradients():
   from synth_reid_jax.models import projector
   x = normal(21, (5, 8)).at[2].set(0.0)  # one all-zero row, as a patch with every MLP hidden unit off
