@@ -215,6 +215,14 @@ def strided_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, stride: 
   return grad
 
 
+def _phase_gradients(in_shape, stride: int) -> bool:
+  """Whether a strided conv takes strided_conv2d's gradients: on CPU (GPU and TPU libraries handle strided
+  gradients themselves), for H and W divisible by the stride and more than NARROW_CHANNELS input channels."""
+  _, height, width, channels = in_shape
+  return (jax.default_backend() == "cpu" and height % stride == 0 and width % stride == 0
+          and channels > NARROW_CHANNELS)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def strided_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
   """conv2d with stride > 1 whose input gradient runs as phases (strided_conv_input_grad)."""
@@ -323,7 +331,7 @@ class Conv(nn.Module):
       if trim:
         padding = ((0, s), (0, 0))
       x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-      if s > 1 and not trim and x.shape[1] % s == 0 and x.shape[2] % s == 0 and x.shape[3] > NARROW_CHANNELS:
+      if s > 1 and not trim and _phase_gradients(x.shape, s):
         y = strided_conv2d(x, kernel, s, padding)
       else:
         y = conv2d(x, kernel, s, padding)
