@@ -282,3 +282,53 @@ def make_all(manual_dir: str) -> str:
   make_cuhk03_np(manual_dir)
   make_cuhk03_release(manual_dir)
   return manual_dir
+
+
+# --- MSMT17 -------------------------------------------------------------------------------------------------
+# List lines (relative path, pid) as in the release: per-identity folders, the camera as the third `_` field,
+# pids 0-based and numbered separately in train and test. list_val repeats train identities, as the real one
+# does; the train split is list_train + list_val (torchreid's with combineall, the release's training set).
+MSMT17_LISTS = {
+    "list_train.txt": [
+        ("0000/0000_000_01_0303morning_0015_0.jpg", 0), ("0000/0000_001_01_0303morning_0016_1.jpg", 0),
+        ("0000/0000_002_03_0303noon_0101_0.jpg", 0),
+        ("0001/0001_000_15_0113afternoon_0200_0.jpg", 1), ("0001/0001_001_07_0113afternoon_0311_2.jpg", 1),
+        ("0002/0002_000_11_0302morning_0042_0.jpg", 2),
+    ],
+    "list_val.txt": [
+        ("0001/0001_002_02_0114noon_0077_0.jpg", 1), ("0002/0002_001_11_0302morning_0050_1.jpg", 2),
+    ],
+    "list_query.txt": [
+        ("0000/0000_000_01_0113morning_0008_0.jpg", 0), ("0001/0001_000_04_0114noon_0017_2.jpg", 1),
+        ("0001/0001_001_09_0114noon_0090_0.jpg", 1),
+    ],
+    "list_gallery.txt": [
+        ("0000/0000_001_05_0113morning_0020_0.jpg", 0), ("0000/0000_002_06_0113noon_0033_1.jpg", 0),
+        ("0001/0001_002_04_0114noon_0120_0.jpg", 1), ("0001/0001_003_12_0114afternoon_0200_0.jpg", 1),
+        ("0002/0002_000_14_0302noon_0005_0.jpg", 2),
+    ],
+}
+MSMT17_VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
+MSMT17_UNLISTED = "0003/0003_000_08_0303noon_0010_0.jpg"  # an image in the train folder that no list names
+MSMT17_EXPECTED = {
+    "train": {"ids": 3, "images": 8, "cameras": 6},  # cameras 1, 3, 15, 7, 11, 2
+    "query": {"ids": 2, "images": 3, "cameras": 3},
+    "gallery": {"ids": 3, "images": 5, "cameras": 5},
+}
+
+
+def make_msmt17(manual_dir: str, version: str = "MSMT17_V1", base: str = "msmt17") -> str:
+  """MSMT17 V1 or V2 under manual_dir/<base>/<version> (base "" puts the release directly in manual_dir)."""
+  release = os.path.join(manual_dir, base, version)
+  train_dir, test_dir = (os.path.join(release, d) for d in MSMT17_VERSIONS[version])
+  for list_name, lines in MSMT17_LISTS.items():
+    images_dir = train_dir if list_name in ("list_train.txt", "list_val.txt") else test_dir
+    for relative, _ in lines:
+      write_image(os.path.join(images_dir, relative))
+    os.makedirs(release, exist_ok=True)
+    with open(os.path.join(release, list_name), "w") as f:
+      f.writelines(f"{relative} {pid}\n" for relative, pid in lines)
+  write_image(os.path.join(train_dir, MSMT17_UNLISTED))
+  with open(os.path.join(train_dir, "Thumbs.db"), "wb") as f:
+    f.write(b"not an image")
+  return manual_dir

@@ -116,6 +116,133 @@ def test_non_rgb_images_are_stored_as_rgb(tmp_path):
   assert image.shape == (6, 4, 3) and image.dtype == np.uint8
 
 
+
+# --- MSMT17 -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def msmt17_builder(tmp_path_factory):
+  manual = fakes.make_msmt17(str(tmp_path_factory.mktemp("msmt17_manual")))
+  return datasets.get_builder("msmt17", str(tmp_path_factory.mktemp("msmt17_data")), manual)
+
+
+def test_msmt17_summary_is_torchreids_with_val_in_train(msmt17_builder):
+  assert datasets.summarize(msmt17_builder) == fakes.MSMT17_EXPECTED
+
+
+def test_msmt17_records_take_pid_from_the_list_and_camera_from_the_name(msmt17_builder):
+  train = records(msmt17_builder, "train")
+  listed = fakes.MSMT17_LISTS["list_train.txt"] + fakes.MSMT17_LISTS["list_val.txt"]
+  assert [r["filename"] for r in train] == sorted(os.path.basename(p) for p, _ in listed)  # unlisted skipped
+  by_name = {r["filename"]: r for r in train}
+  record = by_name["0001_000_15_0113afternoon_0200_0.jpg"]
+  assert (record["pid"], record["camid"]) == (1, 14)
+  assert datasets.decode_image(record["image"]).shape == (*fakes.IMAGE_SIZE, 3)
+  gallery = records(msmt17_builder, "gallery")
+  assert {r["pid"] for r in gallery} == {0, 1, 2}  # test identities restart at 0, as in the release
+
+
+@pytest.mark.parametrize("version, base", [("MSMT17_V2", "msmt17"), ("MSMT17_V1", ""), ("MSMT17_V2", "")])
+def test_msmt17_versions_and_folders(version, base, tmp_path):
+  manual = fakes.make_msmt17(str(tmp_path / "manual"), version=version, base=base)
+  builder = datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+  assert datasets.summarize(builder) == fakes.MSMT17_EXPECTED
+
+
+def test_msmt17_prefers_v1_as_torchreid(tmp_path):
+  manual = fakes.make_msmt17(str(tmp_path / "manual"), version="MSMT17_V2")
+  fakes.make_msmt17(manual, version="MSMT17_V1")
+  os.remove(os.path.join(manual, "msmt17", "MSMT17_V2", "list_query.txt"))  # V2 would fail if it were read
+  builder = datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+  assert datasets.summarize(builder) == fakes.MSMT17_EXPECTED
+
+
+def test_msmt17_cli_json(tmp_path, capsys):
+  manual = fakes.make_msmt17(str(tmp_path / "manual"))
+  assert cli.main(["msmt17", f"--manual_dir={manual}", f"--data_dir={tmp_path / 'data'}", "--json"]) == 0
+  assert json.loads(capsys.readouterr().out) == fakes.MSMT17_EXPECTED
+
+
+def _msmt17_release(tmp_path):
+  manual = fakes.make_msmt17(str(tmp_path / "manual"))
+  return manual, os.path.join(manual, "msmt17", "MSMT17_V1")
+
+
+def test_msmt17_missing_release_shows_the_layout(tmp_path):
+  manual = fakes.make_dukemtmc_reid(str(tmp_path / "manual"))
+  with pytest.raises(FileNotFoundError, match="no MSMT17 release folder") as e:
+    datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+  message = str(e.value)
+  assert "msmt17/MSMT17_V1/train/0000/0000_000_01_0303morning_0015_0.jpg" in message
+  assert "msmt17/MSMT17_V1/{list_train.txt,list_val.txt,list_query.txt,list_gallery.txt}" in message
+  assert "mask_train_v2" in message and "datasets/msmt17.md" in message
+
+
+def test_msmt17_missing_list_file_is_named(tmp_path):
+  manual, release = _msmt17_release(tmp_path)
+  os.remove(os.path.join(release, "list_val.txt"))
+  with pytest.raises(FileNotFoundError, match=r"missing list file .*MSMT17_V1/list_val.txt.*copy them"):
+    datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+
+
+def test_msmt17_missing_image_folder_is_named(tmp_path):
+  manual, release = _msmt17_release(tmp_path)
+  shutil.rmtree(os.path.join(release, "test"))
+  with pytest.raises(FileNotFoundError, match=r"missing folder .*MSMT17_V1/test \(the test images"):
+    datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("0000/0000_003_01_0113morning_0030_0.jpg", r"cannot parse line 4 of .*list_query.txt"),
+        ("0000/0000_003_01_0113morning_0030_0.jpg zero", r"cannot parse line 4 of .*list_query.txt"),
+        ("0000/person.jpg 0", r"cannot parse the camera of 0000/person.jpg \(line 4 of .*list_query.txt"),
+        ("0000/0000_003_16_0113morning_0030_0.jpg 0", r"camera 16 of .* is outside 1..15"),
+        ("0000/0000_000_01_0113morning_0008_0.jpg 0", r"listed twice in split 'query' \(line 1 of .*line 4"),
+    ],
+)
+def test_msmt17_bad_list_lines_are_named(line, message, tmp_path):
+  manual, release = _msmt17_release(tmp_path)
+  with open(os.path.join(release, "list_query.txt"), "a") as f:
+    f.write(line + "\n")
+  with pytest.raises(ValueError, match=message):
+    datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+
+
+def test_msmt17_listed_image_that_does_not_exist(tmp_path):
+  manual, release = _msmt17_release(tmp_path)
+  missing = fakes.MSMT17_LISTS["list_gallery.txt"][2][0]
+  os.remove(os.path.join(release, "test", missing))
+  with pytest.raises(FileNotFoundError, match=rf"{missing} \(line 3 of .*list_gallery.txt\) does not exist"):
+    datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+  assert not builders.Msmt17(data_dir=str(tmp_path / "data")).is_prepared()
+
+
+def test_msmt17_v1_lists_with_v2_images(tmp_path):
+  manual = fakes.make_msmt17(str(tmp_path / "manual"), version="MSMT17_V2")
+  release = os.path.join(manual, "msmt17", "MSMT17_V2")
+  with open(os.path.join(release, "list_train.txt"), "a") as f:
+    f.write("0009/0009_000_01_0303morning_0001_0.jpg 9\n")
+  with pytest.raises(FileNotFoundError, match=r"mask_train_v2/0009/0009_000_01.*V1 lists go with train/"):
+    datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+
+
+def test_two_images_of_one_name_in_a_split_are_named(tmp_path):
+  a, b = (parsing.Sample(str(tmp_path / d / "0001_c1_1.png"), 1, 0, "0001_c1_1.png") for d in ("a", "b"))
+  with pytest.raises(ValueError, match=r"cuhk03/labeled: split 'train' holds two images named 0001_c1_1.png"):
+    builders.in_file_name_order("cuhk03/labeled", "train", [a, b])
+
+
+def test_large_splits_are_written_in_order_over_several_shards(tmp_path, monkeypatch):
+  monkeypatch.setattr(builders, "SHARD_BYTES", 1)  # one image per shard
+  manual = fakes.make_msmt17(str(tmp_path / "manual"))
+  builder = datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+  assert builder.info.splits["gallery"].num_shards == fakes.MSMT17_EXPECTED["gallery"]["images"]
+  gallery = [r["filename"] for r in records(builder, "gallery")]
+  assert gallery == sorted(os.path.basename(p) for p, _ in fakes.MSMT17_LISTS["list_gallery.txt"])
+  assert datasets.summarize(builder) == fakes.MSMT17_EXPECTED
+
 # --- Errors -------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Re-ID datasets as TFDS array_record builders: GTA_synthReid, Market-1501, DukeMTMC-reID, CUHK03, reid_toy.
+"""Re-ID datasets as TFDS array_record builders: GTA_synthReid, Market, Duke, CUHK03, MSMT17, reid_toy.
 
     builder = get_builder("market1501", data_dir="~/tensorflow_datasets", manual_dir="~/reid_data")
     source = builder.as_data_source("query")  # records {"image", "pid", "camid", "filename"}

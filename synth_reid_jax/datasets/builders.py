@@ -4,8 +4,14 @@ Every builder turns a dataset's `Sample` lists (see parsing.py) into the splits 
 file-name order. Images are stored as encoded bytes (JPEG/PNG, byte for byte when RGB) and are fully decoded
 once while building, so a broken file fails here. Building needs neither TensorFlow nor the `tfds` CLI:
 `get_builder` (or `python -m synth_reid_jax.datasets`) prepares a dataset on first use.
+
+The builders write their records shard by shard in the order given (tfds.core.ShardBasedBuilder). TFDS's
+GeneratorBasedBuilder sorts a split in memory up to 1 GB and beyond that spills it to buckets written with
+TensorFlow, which this project does not install: a large split (MSMT17's gallery holds 82,161 images) would
+fail there.
 """
 
+import functools
 import hashlib
 import inspect
 import json
@@ -17,9 +23,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from synth_reid_jax.datasets import cuhk03, images, parsing, toy
+from synth_reid_jax.datasets import cuhk03, images, msmt17, parsing, toy
 
 FILE_FORMAT = "array_record"  # random access without TensorFlow (grain, as_data_source)
+# Image bytes per array_record shard: TFDS keeps a whole shard's examples in memory while writing it.
+SHARD_BYTES = 256 << 20
 MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "The dataset's licence forbids redistribution: request it from its authors and unpack it under "
     "manual_dir as released. {doc} lists where to ask and the folder layout."
@@ -42,8 +50,8 @@ def features() -> tfds.features.FeaturesDict:
   })
 
 
-class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Common machinery: splits from `_samples`, one example per image, file order kept."""
+class ReidBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
+  """Common machinery: splits from `_samples`, one example per image, in file-name order."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
@@ -80,18 +88,52 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """What manual_dir should hold, for error messages."""
     return ""
 
-  def _split_generators(self, dl_manager):
+  def _shard_iterators_per_split(self, dl_manager):
     samples = self._samples(dl_manager)  # parse everything (and fail) before writing anything
-    return {split: self._generate_examples(samples[split]) for split in parsing.SPLITS}
+    return {
+        split: [functools.partial(self._generate_examples, shard)
+                for shard in shards(in_file_name_order(self._full_name(), split, samples[split]))]
+        for split in parsing.SPLITS
+    }
+
+  def _full_name(self) -> str:
+    return f"{self.name}/{self.builder_config.name}" if self.builder_config else self.name
 
   def _generate_examples(self, samples):
-    for sample in samples:
-      yield sample.filename, {
+    for index, sample in enumerate(samples):
+      yield index, {
           "image": images.read_checked_image(sample.path),
           "pid": sample.pid,
           "camid": sample.camid,
           "filename": sample.filename,
       }
+
+
+def in_file_name_order(name: str, split: str, samples: list[parsing.Sample]) -> list[parsing.Sample]:
+  """The samples sorted by file name, which must be unique within a split (it identifies a record)."""
+  ordered = sorted(samples, key=lambda sample: sample.filename)
+  for a, b in zip(ordered, ordered[1:]):
+    if a.filename == b.filename:
+      raise ValueError(
+          f"{name}: split '{split}' holds two images named {a.filename} ({a.path} and {b.path}). Remove or "
+          "rename one of them."
+      )
+  return ordered
+
+
+def shards(samples: list[parsing.Sample]) -> list[list[parsing.Sample]]:
+  """Consecutive runs of samples with at most SHARD_BYTES of image files each (or a single larger image)."""
+  runs, run, size = [], [], 0
+  for sample in samples:
+    nbytes = os.path.getsize(sample.path)
+    if run and size + nbytes > SHARD_BYTES:
+      runs.append(run)
+      run, size = [], 0
+    run.append(sample)
+    size += nbytes
+  if run:
+    runs.append(run)
+  return runs
 
 
 class ManualReidBuilder(ReidBuilder, skip_registration=True):
@@ -183,6 +225,24 @@ class Cuhk03(ReidBuilder):
             "(both may sit in a cuhk03/ folder)")
 
 
+class Msmt17(ReidBuilder):
+  """MSMT17 (Wei et al., CVPR 2018): 4,101 identities, 15 cameras; train is list_train + list_val."""
+
+  DOC = msmt17.DOC
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS.format(doc=f"{parsing.DOCS_DIR}/{msmt17.DOC}")
+  HOMEPAGE = "http://www.pkuvmc.com/publications/msmt17.html"
+  CITATION = """@inproceedings{wei2018person,
+  title={Person Transfer GAN to Bridge Domain Gap for Person Re-Identification},
+  author={Wei, Longhui and Zhang, Shiliang and Gao, Wen and Tian, Qi}, booktitle={CVPR}, year={2018}}"""
+
+  def _samples(self, dl_manager):
+    return msmt17.parse_splits(os.fspath(dl_manager.manual_dir))
+
+  @classmethod
+  def expected_layout(cls, config_name):
+    return msmt17.expected_layout()
+
+
 class ReidToy(ReidBuilder):
   """reid_toy: procedural pedestrians; "synthetic" is flat-shaded, "real" looks like camera footage."""
 
@@ -219,6 +279,7 @@ BUILDERS = {
     "dukemtmc_reid": (DukemtmcReid, None),
     "cuhk03/detected": (Cuhk03, "detected"),
     "cuhk03/labeled": (Cuhk03, "labeled"),
+    "msmt17": (Msmt17, None),
     "reid_toy/synthetic": (ReidToy, "synthetic"),
     "reid_toy/real": (ReidToy, "real"),
 }
