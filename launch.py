@@ -81,15 +81,15 @@ def main(argv):
   elif FLAGS.mode == "extract":
     _require("input_dir", "output")
   from configs import default  # launch.py sits at the repository root, next to configs/
-  from synth_reid_jax import trainer
+  from synth_reid_jax import config_checks, evaluator, inference, trainer
 
   # Everything that can be checked without compiling is checked before the first device is touched.
   try:
-    trainer.validate_config(config, reference=default.get_config())
+    config_checks.validate_config(config, reference=default.get_config())
     initialize_distributed()
     import jax
-    trainer.validate_for_devices(config, jax.device_count())
-    trainer.check_workdir_config(config, workdir)
+    config_checks.validate_for_devices(config, jax.device_count())
+    config_checks.check_workdir_config(config, workdir)
   except ValueError as e:
     sys.exit(f"FATAL {e}")
   if jax.process_index() == 0:
@@ -102,11 +102,11 @@ def main(argv):
   if FLAGS.mode == "train":
     trainer.train_and_evaluate(config, workdir)
   elif FLAGS.mode == "eval":
-    trainer.evaluate(config, workdir, step=FLAGS.step)
+    evaluator.evaluate(config, workdir, step=FLAGS.step)
   elif FLAGS.mode == "translate":
-    trainer.translate(config, workdir, FLAGS.input_dir, FLAGS.output_dir, step=FLAGS.step)
+    inference.translate(config, workdir, FLAGS.input_dir, FLAGS.output_dir, step=FLAGS.step)
   elif FLAGS.mode == "extract":
-    trainer.extract(config, workdir, FLAGS.input_dir, FLAGS.output, step=FLAGS.step)
+    inference.extract(config, workdir, FLAGS.input_dir, FLAGS.output, step=FLAGS.step)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.memory import generator_saved_bytes  # noqa: E402
 from synth_reid_jax import sharding, train_state, train_step  # noqa: E402
-from synth_reid_jax.models import build_models, generator_saved_bytes  # noqa: E402
+from synth_reid_jax.models import build_models  # noqa: E402
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/gta2duke.py.")

@@ -43,8 +43,15 @@ def get_config():
   model.projector_dim = 256  # width of the patch-wise projection MLPs (feature_net_nc)
   model.reid_stages = (4, 6, 3)  # ResNet-50 bottlenecks in stages 2, 3, 4
   model.reid_width = 64  # ResNet base width (stage 2 has 2 * width planes, 8 * width * 4 output channels)
-  model.dtype = "float32"  # compute dtype: "float32", or "bfloat16" on GPU/TPU (params stay float32)
+  # Compute dtype: "float32", or "bfloat16" on GPU/TPU (params, optimiser states and normalisation statistics
+  # stay float32). On TPU, float32 matrix products and convolutions run as bfloat16 passes unless
+  # jax_default_matmul_precision says otherwise (README, GPU and TPU).
+  model.dtype = "float32"
   model.remat = False  # rematerialise the generator's residual blocks (saves memory, costs compute)
+  # Forms of the convolution kinds that have two (synth_reid_jax/models/forms.py): "auto" (the CPU-tuned forms
+  # on CPU, the plain lax forms on GPU and TPU), "xla" (plain everywhere) or "cpu" (CPU-tuned everywhere).
+  # Every form computes the same numbers up to float32 rounding.
+  model.conv_impl = "auto"
   model.pretrained_reid = ""  # optional .npz of ImageNet ResNet-50 weights (from tools.import_torch)
 
   # --- Losses (names of the original config in the comments) ------------------------------------

@@ -13,6 +13,7 @@ metadata/; eval, translate and extract restore just those two items, so they rea
 import dataclasses
 import os
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -95,6 +96,27 @@ def _host_copy(tree):
   return jax.tree.map(copy, tree)
 
 
+class IteratorState(grain.DatasetIterator):
+  """A data iterator's state as of some earlier moment, saved like the iterator itself.
+
+  The trainer's batches are read ahead of the step that uses them: a checkpoint saves the state after the
+  last batch consumed, which the live iterator has already moved past.
+  """
+
+  def __init__(self, state):
+    super().__init__()
+    self._state = state
+
+  def __next__(self):
+    raise TypeError("IteratorState only holds a saved state; it yields nothing.")
+
+  def get_state(self):
+    return self._state
+
+  def set_state(self, state):
+    self._state = state
+
+
 def _state_fields(state):
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
@@ -144,15 +166,20 @@ class Checkpointer:
   def _items(self, step):
     return set(os.listdir(os.path.join(self.directory, str(step))))
 
-  def save(self, step, state, *, metadata, iterators=None, rng=None, metrics=None):
-    """Starts an (async) save of the whole training state; `metrics` ({"mAP": ...}) rank the best."""
+  def save(self, step, state, *, metadata, iterators=None, iterator_states=None, rng=None, metrics=None):
+    """Starts an (async) save of the whole training state; `metrics` ({"mAP": ...}) rank the best.
+
+    The data iterators' positions come from `iterators` (live, read now) or `iterator_states` ({name: the
+    state from get_state() after the last batch the saved state consumed})."""
     model, rest = split_state(state)
     if rng is not None:
       rest["rng"] = jax.random.key_data(rng)
     items = {MODEL: ocp.args.StandardSave(_host_copy(model)),
              TRAIN_STATE: ocp.args.StandardSave(_host_copy(rest)),
              METADATA: ocp.args.JsonSave(dict(metadata, kind="train", step=int(step)))}
-    for name, iterator in (iterators or {}).items():
+    saved = {name: IteratorState(iterator.get_state()) for name, iterator in (iterators or {}).items()}
+    saved.update({name: IteratorState(s) for name, s in (iterator_states or {}).items()})
+    for name, iterator in saved.items():
       items[name + ITERATOR_SUFFIX] = grain_checkpoint.CheckpointSave(iterator)
     return self._manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=True)
 

@@ -1,14 +1,11 @@
 """XLA compiler options of the project's jitted functions: on CPU, convolutions through XLA's own kernels.
 
 jaxlib 0.10's XLA:CPU hands convolutions and matrix products to YNNPACK. Its matrix products are fast, but
-for the kernel gradient of a convolution (a convolution contracting over the batch, 2-8 wide) it is 2.5x
-slower than XLA's Eigen kernels: 30 vs 12 ms for a residual block's 3x3x256 kernel gradient at batch 2, of
-which the full-size train step has 28. Keeping YNNPACK for matrix products only
-("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT") took the full-size step from 2.29 to 1.90 s in one process
-(README, Performance). Only where the work runs changes: same operations, float32 throughout.
+its kernel gradients of convolutions (contracting over a batch 2-8 wide) are slower than XLA's Eigen kernels,
+so YNNPACK keeps the matrix products only ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"; README, Performance). Only
+where the work runs changes: same operations, float32 throughout.
 
-On a jaxlib without the option (older or newer), nothing is set; on GPU and TPU nothing is set.
-"""
+On a jaxlib without the option (older or newer), nothing is set; on GPU and TPU nothing is set."""
 
 import functools
 from typing import Any

@@ -6,16 +6,18 @@ Per batch of synthetic images s (identities pid) and real images r, the original
   2. G's losses: LSGAN on D(G(s)), feature matching between D(r) and D(G(s)), PatchNCE between the encoder
      features of G(s) (queries) and of s (keys, stopped), optional identity PatchNCE on r, and - in the joint
      mode (guide_gen) - the re-ID cross-entropy (+ triplet) of R on the encoder features of s;
-  3. one gradient over (G, F, R) and their Adam updates;
-  4. D's losses on the stopped translations: LSGAN real/fake and feature matching between D(s) and D(G(s));
-     D's update;
-  5. in the disjoint mode, R's losses and update on the stopped encoder features.
-Steps 2 and 4 both read D with its parameters from before the step (the original updates D after G), on the
+  3. D's losses on the stopped translations: LSGAN real/fake and feature matching between D(s) and D(G(s));
+  4. one gradient over (G, F, R);
+  5. in the disjoint mode, R's losses and gradient on the stopped encoder features;
+  6. every network's Adam update.
+Steps 2 and 3 both read D with its parameters from before the step (the original updates D after G), on the
 same G(s) and r, so one forward pass of D over G(s), r and s serves both: G's backward pass takes the input
 gradient on G(s) from it, D's the parameter gradient - the same numbers as two separate passes, 2% fewer
-FLOPs. Loss weights of 0 drop their terms (and the networks only they need) when tracing; the only runtime
-switch is the epoch from which the re-ID loss is on (loss.reid_start_epoch), a select inside the compiled
-step.
+FLOPs. Loss weights of 0 drop their terms (and the networks only they need) when tracing; the runtime
+switches are selects inside the compiled step: the epoch from which the re-ID loss is on
+(loss.reid_start_epoch), and the non-finite guard - a step whose losses or gradients hold a NaN or an
+infinity changes nothing but the step counter and reports metrics["nonfinite"] = 1, so the state never
+holds non-finite values (the trainer decides at its next fetch whether to stop, config.train.on_nonfinite).
 """
 
 import functools
@@ -35,6 +37,10 @@ from synth_reid_jax.train_state import OPTIMIZER_CONFIG, TrainState
 DIS_SCORE_LAYER = _DISCRIMINATOR_LAYERS - 1  # the PatchGAN's score map is the original's layer 5
 LOSS_METRICS = ("gen_gan", "gen_sim", "nce", "nce_idt", "reid_ce", "reid_triplet", "dis_real", "dis_fake",
                 "dis_sim")
+# config.train.on_nonfinite: what the trainer does once it sees a step skipped by the non-finite guard (the
+# step itself always skips the update): stop at that fetch, or carry on.
+NONFINITE_ACTIONS = ("stop", "skip")
+NONFINITE_METRIC = "nonfinite"
 # torchreid reports the top-1 training accuracy in percent.
 PERCENT = 100.0
 
@@ -50,12 +56,36 @@ def _update(optimizer, params, grads, opt_state, learning_rate):
   return optax.apply_updates(params, updates), opt_state
 
 
-def _gated(reid_gate, new, old):
-  """`new` once the re-ID loss is on, else `old`: before reid_start_epoch the original neither runs nor
-  updates R (params, optimizer state and BatchNorm statistics stay)."""
-  if reid_gate is None:
+def _gated(keep_new, new, old):
+  """`new` where the scalar bool `keep_new` holds, else `old` (None: always `new`)."""
+  if keep_new is None:
     return new
-  return jax.tree.map(lambda a, b: jnp.where(reid_gate > 0, a, b), new, old)
+  return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
+
+
+def all_finite(*trees) -> jax.Array:
+  """Whether every float value of the trees is finite (one fused reduction per array)."""
+  leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def apply_updates(state: TrainState, optimizers, lrs, grads, new_stats, loss_terms, reid_gate):
+  """The step's end: every network with a gradient takes its Adam step, BatchNorm statistics their new
+  values, unless a loss or a gradient is non-finite; then nothing changes but the step counter (as optax's
+  apply_if_finite, for all networks at once) and the flag returned is 1. R also keeps its state before
+  loss.reid_start_epoch (the original neither runs nor updates it then). -> (new state, nonfinite flag)."""
+  finite = all_finite(loss_terms, grads)
+  reid_on = finite if reid_gate is None else finite & (reid_gate > 0)
+  params, opt_state = dict(state.params), dict(state.opt_state)
+  for name, grad in grads.items():
+    keep = reid_on if name in ("reid", "stem") else finite
+    updated = _update(optimizers[name], params[name], grad, opt_state[name], lrs[name])
+    params[name], opt_state[name] = _gated(keep, updated, (params[name], opt_state[name]))
+  batch_stats = {name: _gated(reid_on, new_stats[name], old) if name in new_stats else old
+                 for name, old in state.batch_stats.items()}
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return new_state, 1.0 - finite.astype(jnp.float32)
 
 
 def top1_accuracy(logits, labels):
@@ -215,11 +245,13 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
     return ce + triplet, (ce, triplet, acc, new_stats)
 
   def train_step(state: TrainState, batch, rng):
-    params, opt_state, batch_stats = dict(state.params), dict(state.opt_state), dict(state.batch_stats)
+    rng = jax.random.fold_in(rng, state.step)
+    params, batch_stats = state.params, state.batch_stats
     lrs = {name: fn(state.step) for name, fn in lr_fns.items()}
     reid_gate = _reid_gate(config, state.step, steps_per_epoch)
     metrics = {name: jnp.zeros((), jnp.float32) for name in LOSS_METRICS}
     metrics["reid_acc"] = jnp.zeros((), jnp.float32)
+    grads, new_stats = {}, {}
 
     # --- G's forward pass (with F's and, in the joint mode, R's), then D's shared pass.
     if train_generator:
@@ -229,6 +261,8 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
       (g_loss, fake), g_vjp, (g_terms, reid_input, aux) = jax.vjp(
           lambda t: generator_objective(t, frozen, batch, rng, reid_gate), trainable, has_aux=True)
       metrics.update(g_terms)
+      if joint:
+        new_stats["reid"], metrics["reid_acc"] = aux["reid_batch_stats"], aux["reid_acc"]
     else:  # no loss trains G: it only translates (for D) and encodes (for the disjoint R)
       fake, source_feats = generate(params["generator"], batch["source"])
       reid_input = source_feats[encoder_output]
@@ -243,47 +277,30 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
         metrics.update(adv_terms)
         _, fake_cotangent = fake_vjp(outputs_cotangent)  # D's parameter gradient here is unused (pruned)
       if train_discriminator:
+        # D's objective on the stopped translations, from the same pass.
         (_, d_terms), (fake_ct, real_ct) = jax.value_and_grad(
             discriminator_adversarial, argnums=(0, 1), has_aux=True)(fake_outputs, real_outputs)
         metrics.update(d_terms)
         d_grads, _ = fake_vjp(fake_ct)  # G(s) stopped: its input gradient is unused (pruned)
         if real_vjp is not None:
           d_grads = jax.tree.map(jnp.add, d_grads, real_vjp(real_ct)[0])
+        grads["discriminator"] = d_grads
 
-    # --- G, F (and R in the joint mode): one gradient, then their updates.
+    # --- G, F (and R in the joint mode): one gradient, the GAN terms joining through G(s).
     if train_generator:
-      grads, = g_vjp((jnp.ones_like(g_loss), fake_cotangent))
-      for name in trainable_names:
-        new_params, new_opt_state = _update(optimizers[name], params[name], grads[name], opt_state[name],
-                                            lrs[name])
-        if name == "reid":
-          new_params, new_opt_state, batch_stats[name] = _gated(
-              reid_gate, (new_params, new_opt_state, aux["reid_batch_stats"]),
-              (params[name], opt_state[name], batch_stats[name]))
-          metrics["reid_acc"] = aux["reid_acc"]
-        params[name], opt_state[name] = new_params, new_opt_state
+      grads.update(g_vjp((jnp.ones_like(g_loss), fake_cotangent))[0])
 
-    # --- D, from the same pass on the stopped translations.
-    if train_discriminator:
-      params["discriminator"], opt_state["discriminator"] = _update(
-          optimizers["discriminator"], params["discriminator"], d_grads, opt_state["discriminator"],
-          lrs["discriminator"])
-
-    # --- Disjoint mode: R on the stopped encoder features, after D.
+    # --- Disjoint mode: R on the stopped encoder features.
     if disjoint:
-      r_grads, (ce, triplet, acc, new_stats) = jax.grad(reid_objective, has_aux=True)(
+      grads["reid"], (ce, triplet, acc, new_stats["reid"]) = jax.grad(reid_objective, has_aux=True)(
           params["reid"], batch_stats["reid"], jax.lax.stop_gradient(reid_input), batch["pid"])
-      new_params, new_opt_state = _update(optimizers["reid"], params["reid"], r_grads, opt_state["reid"],
-                                          lrs["reid"])
-      params["reid"], opt_state["reid"], batch_stats["reid"] = _gated(
-          reid_gate, (new_params, new_opt_state, new_stats),
-          (params["reid"], opt_state["reid"], batch_stats["reid"]))
       gate = 1.0 if reid_gate is None else reid_gate
       metrics.update(reid_ce=gate * ce, reid_triplet=gate * triplet, reid_acc=gate * acc)
 
+    # --- Every network's update (D's from its parameters before the step, as the original's order gives).
+    new_state, metrics[NONFINITE_METRIC] = apply_updates(
+        state, optimizers, lrs, grads, new_stats, {k: metrics[k] for k in LOSS_METRICS}, reid_gate)
     metrics.update({learning_rate_metric(name): lr for name, lr in lrs.items()})
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
     return new_state, metrics
 
   return train_step
@@ -307,18 +324,12 @@ def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_ep
     lrs = {name: fn(state.step) for name, fn in lr_fns.items()}
     grads, (ce, triplet, acc, new_stats) = jax.grad(objective, has_aux=True)(
         state.params, state.batch_stats, batch["source"], batch["pid"])
-    params, opt_state = {}, {}
-    for name in state.params:
-      params[name], opt_state[name] = _update(optimizers[name], state.params[name], grads[name],
-                                              state.opt_state[name], lrs[name])
     reid_gate = _reid_gate(config, state.step, steps_per_epoch)
-    params, opt_state, new_stats = _gated(reid_gate, (params, opt_state, new_stats),
-                                          (state.params, state.opt_state, state.batch_stats))
     gate = 1.0 if reid_gate is None else reid_gate
-    ce, triplet, acc = gate * ce, gate * triplet, gate * acc
     metrics = {name: jnp.zeros((), jnp.float32) for name in LOSS_METRICS}
-    metrics.update(reid_ce=ce, reid_triplet=triplet, reid_acc=acc, lr_reid=lrs["reid"])
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+    metrics.update(reid_ce=gate * ce, reid_triplet=gate * triplet, reid_acc=gate * acc, lr_reid=lrs["reid"])
+    new_state, metrics[NONFINITE_METRIC] = apply_updates(
+        state, optimizers, lrs, grads, new_stats, {k: metrics[k] for k in LOSS_METRICS}, reid_gate)
     return new_state, metrics
 
   return train_step
@@ -330,9 +341,10 @@ def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_pe
   """The jitted step (state, batch, rng) -> (state, metrics) over `mesh`.
 
   state: replicated (sharding.replicate) and donated; batch: {"source" (B,H,W,3), "pid" (B,), "target"
-  (B,H,W,3) or None when no loss reads it} split over the "data" axis (sharding.make_global_batch); rng:
-  replicated, one per step. Metrics are global scalars: the weighted loss terms (LOSS_METRICS, 0 when off),
-  reid_acc (percent) and lr_<network> of every trained network. `compiler_options` go to XLA on top of
+  (B,H,W,3) or None when no loss reads it} split over the "data" axis (sharding.make_global_batch); rng: the
+  run's key, replicated (the step folds in state.step). Metrics are global scalars: the weighted loss terms
+  (LOSS_METRICS, 0 when off), reid_acc (percent), lr_<network> of every trained network and nonfinite (1.0
+  when the step was skipped for a non-finite loss or gradient). `compiler_options` go to XLA on top of
   compile_options.compiler_options() (e.g. {"xla_backend_optimization_level": 0} compiles about twice as fast,
   for tests).
   """

@@ -95,6 +95,12 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float],
   return out
 
 
+def to_uint8(images, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """Normalised float images -> uint8 (the inverse of `normalize`, rounded)."""
+  pixels = (np.asarray(images, np.float32) * np.asarray(std) + np.asarray(mean)) * PIXEL_MAX
+  return np.clip(np.round(pixels), 0, PIXEL_MAX).astype(np.uint8)
+
+
 def check_transforms(names: Sequence[str]) -> tuple[str, ...]:
   """Validate train transform names (config.data.transforms)."""
   if isinstance(names, str):
@@ -133,17 +139,6 @@ class EvalTransform(grain.transforms.Map):
   def map(self, element: dict) -> dict:
     image = resize(to_pil(element["image"]), self.height, self.width)
     return {**element, "image": np.asarray(image)}
-
-
-class Normalize(grain.transforms.Map):
-  """uint8 "image" (any leading shape) -> float32 normalised with the config's mean and std."""
-
-  def __init__(self, mean: Sequence[float], std: Sequence[float]):
-    self.mean, self.std = tuple(mean), tuple(std)
-    self.table = normalize_table(mean, std)
-
-  def map(self, element: dict) -> dict:
-    return {**element, "image": normalize(element["image"], self.mean, self.std, self.table)}
 
 
 def train_transform(config) -> TrainTransform:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from benchmarks.memory import generator_saved_bytes
 from configs import gta2duke
-from synth_reid_jax.models import generator_saved_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,7 +18,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from configs import default, gta2duke  # noqa: E402
-from synth_reid_jax import trainer  # noqa: E402
+from synth_reid_jax import config_checks, trainer  # noqa: E402
 
 TIMEOUT = 300  # seconds for any one process; each takes well under a minute
 POLL_SECONDS = 0.005
@@ -142,6 +142,6 @@ def test_config_mistakes_are_named_before_any_data_or_compile(changes, message, 
 
 def test_every_mistake_is_listed_at_once():
   with pytest.raises(ValueError) as error:
-    trainer.validate_config(tiny_config(**{"data.height": 30, "loss.nce_layers": (0, 9)}),
+    config_checks.validate_config(tiny_config(**{"data.height": 30, "loss.nce_layers": (0, 9)}),
                             reference=default.get_config())
   assert "data.height=30" in str(error.value) and "nce_layers" in str(error.value)

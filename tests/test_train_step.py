@@ -17,7 +17,7 @@ NUM_CLASSES = 3
 BATCH = 4
 HEIGHT, WIDTH = 32, 16
 NETWORKS = ("generator", "discriminator", "projector", "reid")
-METRIC_NAMES = set(train_step.LOSS_METRICS) | {"reid_acc"} | {f"lr_{name}" for name in NETWORKS}
+METRIC_NAMES = set(train_step.LOSS_METRICS) | {"reid_acc", "nonfinite"} | {f"lr_{name}" for name in NETWORKS}
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
@@ -239,3 +239,23 @@ def test_shared_discriminator_pass_gives_each_update_its_own_gradient():
       np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
   assert metrics["gen_gan"] == pytest.approx(float(generator_loss(init.params["generator"]))
                                              - metrics["gen_sim"], rel=1e-5)
+
+
+def test_nonfinite_step_changes_nothing_but_the_step_counter():
+  """A NaN in the input makes every loss and gradient non-finite: the guard inside the step keeps params,
+  optimiser states and BatchNorm statistics, counts the step and reports it; the next good step updates."""
+  run = Run(tiny_config())
+  state = sharding.replicate(run.init, run.mesh)
+  bad = fake_batch()
+  bad["source"][0, 0, 0, 0] = np.nan
+  state, metrics = run.step(state, sharding.make_global_batch(bad, run.mesh), jax.random.key(0))
+  metrics = jax.device_get(metrics)
+  assert metrics[train_step.NONFINITE_METRIC] == 1.0 and np.isnan(metrics["nce"])
+  state = jax.device_get(state)
+  assert int(state.step) == 1
+  _assert_trees_equal((state.params, state.opt_state, state.batch_stats),
+                      (run.init.params, run.init.opt_state, run.init.batch_stats))
+  good = sharding.make_global_batch(fake_batch(), run.mesh)
+  state, metrics = run.step(sharding.replicate(state, run.mesh), good, jax.random.key(0))
+  assert jax.device_get(metrics)[train_step.NONFINITE_METRIC] == 0.0
+  assert int(state.step) == 2 and _changed(run.init.params, jax.device_get(state.params))

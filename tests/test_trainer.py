@@ -18,7 +18,15 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from configs import baseline, gta2duke  # noqa: E402
-from synth_reid_jax import checkpointing, metric_writer, sharding, train_step, trainer  # noqa: E402
+from synth_reid_jax import (  # noqa: E402
+    checkpointing,
+    config_checks,
+    evaluator,
+    inference,
+    metric_writer,
+    train_step,
+    trainer,
+)
 from synth_reid_jax.train_state import TrainState  # noqa: E402
 
 LOSSES = train_step.LOSS_METRICS
@@ -122,7 +130,7 @@ def test_eval_json_and_eval_mode(trained, data_dirs):
   assert results["dataset"] == "market1501" and results["step"] == 4
   assert (results["num_query"], results["num_gallery"]) == (4, 8)  # fakes.MARKET_EXPECTED
   assert 0 <= results["mAP"] <= 1 and np.all(np.diff(results["cmc"]) >= 0) and results["cmc"][-1] == 1.0
-  again = trainer.evaluate(tiny_config(data_dirs), str(straight), step=4)["market1501"]
+  again = evaluator.evaluate(tiny_config(data_dirs), str(straight), step=4)["market1501"]
   assert again["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
   assert again["cmc"] == pytest.approx(results["cmc"], abs=1e-6)
 
@@ -136,11 +144,11 @@ def test_translate_and_extract(trained, data_dirs, tmp_path):
     os.makedirs(os.path.dirname(inputs / name), exist_ok=True)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 20, 3), np.uint8)).save(inputs / name)
   config = tiny_config(data_dirs)
-  trainer.translate(config, str(straight), str(inputs), str(tmp_path / "out"))
+  inference.translate(config, str(straight), str(inputs), str(tmp_path / "out"))
   for name in names:
     image = Image.open(tmp_path / "out" / name)
     assert image.size == (config.data.width, config.data.height)
-  trainer.extract(config, str(straight), str(inputs), str(tmp_path / "feats.npz"))
+  inference.extract(config, str(straight), str(inputs), str(tmp_path / "feats.npz"))
   out = np.load(tmp_path / "feats.npz")
   assert list(out["paths"]) == sorted(names)
   assert out["features"].shape == (3, 8 * 8 * 4) and out["features"].dtype == np.float32
@@ -158,50 +166,50 @@ def test_baseline_trains_and_evaluates_through_the_resnet_stem(data_dirs, tmp_pa
   assert rows[2]["reid_ce"] > 0 and rows[2]["gen_gan"] == 0 and rows[2]["nce"] == 0
   assert not os.path.exists(tmp_path / "samples")  # nothing to translate
   results = json.load(open(tmp_path / "eval" / "market1501.json"))
-  again = trainer.evaluate(config, str(tmp_path))["market1501"]  # restores the stem and R
+  again = evaluator.evaluate(config, str(tmp_path))["market1501"]  # restores the stem and R
   assert again["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
   with pytest.raises(ValueError, match="needs a generator"):
-    trainer.translate(config, str(tmp_path), str(tmp_path), str(tmp_path / "out"))
+    inference.translate(config, str(tmp_path), str(tmp_path), str(tmp_path / "out"))
 
 
 def test_eval_without_checkpoint_is_a_clear_error(data_dirs, tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint in .*Train first"):
-    trainer.evaluate(tiny_config(data_dirs), str(tmp_path))
+    evaluator.evaluate(tiny_config(data_dirs), str(tmp_path))
 
 
 def test_workdir_from_another_config_is_refused(data_dirs, tmp_path):
   config = tiny_config(data_dirs)
-  trainer.write_config(config, str(tmp_path))
+  config_checks.write_config(config, str(tmp_path))
   other = tiny_config(data_dirs)
   other.model.ngf = 16
   other.data.source = "market1501"
   with pytest.raises(ValueError, match=r"model.ngf: 8 in .*config.json, 16 now[\s\S]*data.source"):
     trainer.train_and_evaluate(other, str(tmp_path))
-  trainer.check_workdir_config(tiny_config(data_dirs), str(tmp_path))  # the same config is fine
+  config_checks.check_workdir_config(tiny_config(data_dirs), str(tmp_path))  # the same config is fine
 
 
 def test_config_json_is_replaced_whole(data_dirs, tmp_path, monkeypatch):
   """Another process of a multi-host run reads config.json while process 0 rewrites it: it must see a whole
   file (a truncated one failed a two-process run with a JSON error); a failed write keeps the old file."""
   config = tiny_config(data_dirs)
-  trainer.write_config(config, str(tmp_path))
-  before = (tmp_path / trainer.CONFIG_FILE).read_text()
+  config_checks.write_config(config, str(tmp_path))
+  before = (tmp_path / config_checks.CONFIG_FILE).read_text()
 
   def interrupted(src, dst):
-    assert json.loads((tmp_path / trainer.CONFIG_FILE).read_text())  # still the whole old file
+    assert json.loads((tmp_path / config_checks.CONFIG_FILE).read_text())  # still the whole old file
     raise OSError("disk full")
 
-  monkeypatch.setattr(trainer.os, "replace", interrupted)
+  monkeypatch.setattr(config_checks.os, "replace", interrupted)
   other = tiny_config(data_dirs)
   other.model.ngf = 16
   with pytest.raises(OSError, match="disk full"):
-    trainer.write_config(other, str(tmp_path))
-  assert (tmp_path / trainer.CONFIG_FILE).read_text() == before
-  assert sorted(p.name for p in tmp_path.iterdir()) == [trainer.CONFIG_FILE]  # no temporary left
+    config_checks.write_config(other, str(tmp_path))
+  assert (tmp_path / config_checks.CONFIG_FILE).read_text() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == [config_checks.CONFIG_FILE]  # no temporary left
   monkeypatch.undo()
-  trainer.write_config(other, str(tmp_path))
-  assert json.loads((tmp_path / trainer.CONFIG_FILE).read_text())["model"]["ngf"] == 16
-  assert sorted(p.name for p in tmp_path.iterdir()) == [trainer.CONFIG_FILE]
+  config_checks.write_config(other, str(tmp_path))
+  assert json.loads((tmp_path / config_checks.CONFIG_FILE).read_text())["model"]["ngf"] == 16
+  assert sorted(p.name for p in tmp_path.iterdir()) == [config_checks.CONFIG_FILE]
 
 
 def test_unknown_dataset_and_batch_size_fail_before_compiling(data_dirs, tmp_path):
@@ -216,11 +224,11 @@ def test_unknown_dataset_and_batch_size_fail_before_compiling(data_dirs, tmp_pat
 
 
 def test_parse_identity():
-  assert trainer.parse_identity("0002_c1s1_000451_03.jpg") == (2, 0)
-  assert trainer.parse_identity("a/-1_c4s1_009451_01.jpg") == (-1, 3)
-  assert trainer.parse_identity("42647445_sd000c08_0396.jpeg") == (42647445, 7)
-  assert trainer.parse_identity("0001_c2_f0046182.jpg") == (1, 1)
-  assert trainer.parse_identity("holiday.png") == (-1, -1)
+  assert inference.parse_identity("0002_c1s1_000451_03.jpg") == (2, 0)
+  assert inference.parse_identity("a/-1_c4s1_009451_01.jpg") == (-1, 3)
+  assert inference.parse_identity("42647445_sd000c08_0396.jpeg") == (42647445, 7)
+  assert inference.parse_identity("0001_c2_f0046182.jpg") == (1, 1)
+  assert inference.parse_identity("holiday.png") == (-1, -1)
 
 
 def test_metric_writer_truncates_on_resume(tmp_path):
@@ -235,29 +243,9 @@ def test_metric_writer_truncates_on_resume(tmp_path):
                                                                                           (3, 9.0)]
 
 
-def test_skip_nonfinite_keeps_the_state():
-  mesh = sharding.create_mesh()
-
-  def step(state, batch, rng):
-    del rng
-    loss = jnp.sum(batch["source"])
-    new = state.replace(step=state.step + 1, params={"w": state.params["w"] + loss})
-    return new, {"nce": loss, "lr_reid": jnp.float32(1.0)}
-
-  guarded = trainer.skip_nonfinite(jax.jit(step), mesh)
-  state = sharding.replicate(TrainState(step=jnp.int32(0), params={"w": jnp.ones(3)}, batch_stats={},
-                                        opt_state={}), mesh)
-  good = sharding.make_global_batch({"source": np.ones((4, 1), np.float32)}, mesh)
-  bad = sharding.make_global_batch({"source": np.full((4, 1), np.nan, np.float32)}, mesh)
-  state, _ = guarded(state, good, jax.random.key(0))
-  state, metrics = guarded(state, bad, jax.random.key(0))
-  assert int(state.step) == 2 and np.isnan(metrics["nce"])
-  np.testing.assert_array_equal(state.params["w"], 5.0)
-  assert trainer.nonfinite_losses(jax.device_get(metrics)) == ["nce"]
-
-
 def fake_step_factory(on_call):
-  """A make_train_step stand-in: no compilation, scripted losses; `on_call(n)` runs at the n-th call."""
+  """A make_train_step stand-in: no compilation, scripted losses; `on_call(n)` runs at the n-th call. As the
+  real step, a non-finite loss is reported in "nonfinite"."""
   def make(config, models, optimizers, steps_per_epoch, mesh):
     calls = []
 
@@ -265,7 +253,8 @@ def fake_step_factory(on_call):
       calls.append(1)
       loss = on_call(len(calls))
       metrics = {k: np.float32(loss) for k in LOSSES} | {k: np.float32(2e-4) for k in LEARNING_RATES}
-      return state.replace(step=state.step + 1), metrics | {"reid_acc": np.float32(0)}
+      skipped = np.float32(not np.isfinite(loss))
+      return state.replace(step=state.step + 1), metrics | {"reid_acc": np.float32(0), "nonfinite": skipped}
     return step
   return make
 
@@ -286,10 +275,32 @@ def run_scripted(data_dirs, workdir, monkeypatch, on_call, **train):
 
 
 def test_nonfinite_loss_stops_naming_the_loss_and_step(data_dirs, tmp_path, monkeypatch):
-  message = r"Non-finite loss at step 3 .*gen_gan = nan.*checkpoint \(step 2\)"
+  message = r"Non-finite loss at step 3 .*gen_gan = nan.*newest checkpoint \(step 2\) holds no non-finite"
   with pytest.raises(FloatingPointError, match=message):
     run_scripted(data_dirs, tmp_path, monkeypatch, lambda n: np.nan if n == 3 else 1.0)
   assert sorted(rows_by_step(tmp_path)) == [1, 2]
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+def test_nonfinite_stop_is_decided_at_the_next_fetch(data_dirs, tmp_path, monkeypatch):
+  """Metrics are fetched every log_every_steps steps: a bad step 1 is seen at the fetch of step 2 (a log and
+  checkpoint step), before that checkpoint is written."""
+  with pytest.raises(FloatingPointError, match=r"step 1 .*no checkpoint was written yet"):
+    run_scripted(data_dirs, tmp_path, monkeypatch, lambda n: np.nan if n == 1 else 1.0, log_every_steps=2)
+  assert rows_by_step(tmp_path) == {} and not os.listdir(tmp_path / "checkpoints")
+
+
+def test_skipped_steps_are_reported_and_left_out_of_the_averages(data_dirs, tmp_path, monkeypatch, capsys):
+  def on_call(n):
+    if n == 4:  # ends the run before the final evaluation, which the scripted state could not do
+      os.kill(os.getpid(), signal.SIGTERM)
+    return np.inf if n == 2 else float(n)
+  run_scripted(data_dirs, tmp_path, monkeypatch, on_call, log_every_steps=2, num_steps=10,
+               on_nonfinite="skip")
+  rows = rows_by_step(tmp_path)
+  assert sorted(rows) == [2, 4]
+  assert rows[2]["gen_gan"] == 1.0 and rows[4]["gen_gan"] == 3.5  # step 2 skipped; (3 + 4) / 2
+  assert "Step 2: skipped (non-finite gen_gan = inf" in capsys.readouterr().out
 
 
 def test_sigterm_saves_a_checkpoint_and_returns(data_dirs, tmp_path, monkeypatch):

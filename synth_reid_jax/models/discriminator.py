@@ -25,9 +25,10 @@ class Discriminator(nn.Module):
   """
   ndf: int = 64
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"  # forms.CONV_IMPLS
 
   def setup(self):
-    kw = dict(dtype=self.dtype)
+    kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
     self.conv_0 = conv(self.ndf, KERNEL, stride=2, padding=1, use_bias=True, **kw)
     self.conv_1 = conv(self.ndf * 2, KERNEL, stride=2, padding=1, **kw)
     self.conv_2 = conv(self.ndf * 4, KERNEL, stride=2, padding=1, **kw)

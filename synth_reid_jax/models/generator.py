@@ -22,13 +22,15 @@ FIRST_BLOCK_LAYER = 1 + 1 + NUM_DOWNSAMPLINGS  # encoder layer index of the firs
 class ResidualBlock(nn.Module):
   """x + IN(conv3(pad(ReLU(IN(conv3(pad(x))))))); the second conv keeps its bias, as the original."""
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    y = conv(c, 3, dtype=self.dtype, name="conv_0")(reflect_pad(x, 1))
+    kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
+    y = conv(c, 3, name="conv_0", **kw)(reflect_pad(x, 1))
     y = nn.relu(instance_norm(y))
-    y = conv(c, 3, use_bias=True, dtype=self.dtype, name="conv_1")(reflect_pad(y, 1))
+    y = conv(c, 3, use_bias=True, name="conv_1", **kw)(reflect_pad(y, 1))
     return x + instance_norm(y)
 
 
@@ -44,15 +46,16 @@ class Generator(nn.Module):
   n_blocks: int = 9
   dtype: Dtype = jnp.float32
   remat: bool = False  # rematerialise each residual block in the backward pass
+  conv_impl: str = "auto"  # forms.CONV_IMPLS
 
   def setup(self):
-    conv_kw = dict(dtype=self.dtype)
+    conv_kw = dict(dtype=self.dtype, conv_impl=self.conv_impl)
     self.conv_in = conv(self.ngf, 7, **conv_kw)
     self.down = [conv(self.ngf * 2 ** (i + 1), 3, stride=2, padding=1, **conv_kw)
                  for i in range(NUM_DOWNSAMPLINGS)]
     block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
-    self.block = [block(dtype=self.dtype) for _ in range(self.n_blocks)]
-    self.up = [ConvTranspose3x3s2(self.ngf * 2 ** (NUM_DOWNSAMPLINGS - 1 - i), dtype=self.dtype)
+    self.block = [block(**conv_kw) for _ in range(self.n_blocks)]
+    self.up = [ConvTranspose3x3s2(self.ngf * 2 ** (NUM_DOWNSAMPLINGS - 1 - i), **conv_kw)
                for i in range(NUM_DOWNSAMPLINGS)]
     self.conv_out = conv(3, 7, use_bias=True, **conv_kw)
 

@@ -11,15 +11,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synth_reid_jax.models.forms import ConvForms, conv_forms
+
 Dtype = jnp.dtype | type
 Initializer = Callable[..., jax.Array]
 
+# config.model.dtype: the compute dtypes. Parameters, optimiser states and normalisation statistics stay
+# float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 NORM_EPS = 1e-5  # torch's InstanceNorm2d / BatchNorm eps
 BN_MOMENTUM = 0.1  # torch's BatchNorm momentum: running = (1 - m) * running + m * batch
 KAIMING_GAIN_SQ = 2.0  # kaiming_normal_(a=0): std = sqrt(2 / fan)
 BNNECK_SCALE_STD = 0.02  # the original draws BatchNorm1d weights from N(1, 0.02)
-# XLA:CPU's convolutions producing this few channels run 3-5x below their FLOP rate (a 7x7 64->3 conv takes
-# 26-33 ms at 256x128, batch 2, where torch takes 14); such input gradients keep autodiff's form.
+# Strided convolutions reading this few channels keep autodiff's input gradient in the CPU forms: XLA:CPU
+# runs convolutions producing so few channels far below their FLOP rate (README, Performance).
 NARROW_CHANNELS = 4
 
 # The original initialises every module with weights_init_kaiming: conv weights kaiming-normal over fan_in,
@@ -40,11 +45,8 @@ def bnneck_scale_init(key, shape, dtype=jnp.float32):
 
 
 def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
-  """torch's ReflectionPad2d(pad) on the H and W axes of an NHWC array, as one concatenation per axis.
-
-  Bit-identical to jnp.pad(mode="reflect") and as fast; what made reflect padding slow on XLA:CPU is the
-  unpadded convolution that follows it (see Conv).
-  """
+  """torch's ReflectionPad2d(pad) on the H and W axes of an NHWC array, as one concatenation per axis
+  (bit-identical to jnp.pad(mode="reflect"))."""
   if pad == 0:
     return x
   for axis in (1, 2):
@@ -59,13 +61,11 @@ def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
 
 
 def pixels_view(x: jax.Array) -> jax.Array:
-  """(N, H, W, C) -> (N, H * W, C), a free reshape.
+  """(N, H, W, C) -> (N, H * W, C), a free reshape on every backend.
 
-  XLA:CPU rewrites a sum over H and W into 32x32 reduce-windows plus a final sum (its tree reduction, for
-  accuracy); over the one flattened pixel axis its sums run 1.5-2.5x faster (instance norm forward +
-  backward at 64x32x256: 3.9 -> 1.6 ms; the generator's forward + backward at batch 2: 1011 -> 942 ms,
-  benchmarks/models_bench.py; the full train step: 2.02 -> 1.91 s). Reductions over pixels (norm
-  statistics, bias gradients) therefore run on this view.
+  Reductions over pixels (norm statistics, bias gradients) run on this view: XLA:CPU rewrites a sum over H
+  and W into 32x32 reduce-windows plus a final sum, and over one flattened axis the same sum runs faster
+  (README, Performance); elsewhere it is the same reduction.
   """
   n, h, w, c = x.shape
   return x.reshape(n, h * w, c)
@@ -74,8 +74,8 @@ def pixels_view(x: jax.Array) -> jax.Array:
 def instance_norm(x: jax.Array, eps: float = NORM_EPS) -> jax.Array:
   """InstanceNorm2d without affine parameters: per image and channel over H, W, statistics in float32.
 
-  The variance is taken around the mean (two passes): as fast as E[x^2] - E[x]^2 here (XLA fuses both
-  reductions; see benchmarks/models_bench.py) and without its cancellation when |mean| >> std.
+  The variance is taken around the mean (two passes; XLA fuses both reductions), without the cancellation
+  of E[x^2] - E[x]^2 when |mean| >> std.
   """
   xf = pixels_view(x.astype(jnp.float32))
   mean = jnp.mean(xf, axis=1, keepdims=True)
@@ -160,9 +160,9 @@ def strided_conv_input_grad(dy: jax.Array, kernel: jax.Array, stride: int, paddi
   """The input gradient of a strided convolution as stride**2 stride-1 convolutions of dy, one per phase of
   the input grid (rows stride * m + a, columns stride * l + b), interleaved.
 
-  Autodiff gives a convolution of dy dilated with zeros, which XLA:CPU runs at the dilated size: 4x the
-  multiplications at stride 2 (the discriminator's 4x4x64->128 layer at batch 4: 40 ms against torch's 10).
-  Each phase here touches only the taps that reach it. Needs the input's H and W divisible by the stride.
+  Autodiff gives a convolution of dy dilated with zeros, which XLA:CPU runs at the dilated size (4x the
+  multiplications at stride 2). Each phase here touches only the taps that reach it. Needs the input's H and
+  W divisible by the stride.
   """
   n, height, width, channels = in_shape
   (pad_top, _), (pad_left, _) = padding
@@ -185,10 +185,8 @@ def strided_conv_input_grad(dy: jax.Array, kernel: jax.Array, stride: int, paddi
 
 def strided_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, stride: int, padding) -> jax.Array:
   """The kernel gradient of a strided convolution from stride**2 stride-1 kernel gradients, one per phase of
-  the input grid: the taps reading input rows stride * m + a only ever see that phase of x.
-
-  Autodiff's form is one convolution with the output gradient dilated by the stride, which XLA:CPU runs
-  ~1.6x slower than torch (the generator's 3x3x64->128 layer: 23 against 15 ms).
+  the input grid: the taps reading input rows stride * m + a only ever see that phase of x (autodiff's form
+  is one convolution with the output gradient dilated by the stride).
   """
   k_h, k_w, _, _ = kernel_shape
   (pad_top, _), (pad_left, _) = padding
@@ -215,17 +213,16 @@ def strided_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, stride: 
   return grad
 
 
-def _phase_gradients(in_shape, stride: int) -> bool:
-  """Whether a strided conv takes strided_conv2d's gradients: on CPU (GPU and TPU libraries handle strided
-  gradients themselves), for H and W divisible by the stride and more than NARROW_CHANNELS input channels."""
+def _phase_gradients_fit(in_shape, stride: int) -> bool:
+  """Whether a strided conv can take strided_conv2d's gradients: H and W divisible by the stride, and more
+  than NARROW_CHANNELS input channels."""
   _, height, width, channels = in_shape
-  return (jax.default_backend() == "cpu" and height % stride == 0 and width % stride == 0
-          and channels > NARROW_CHANNELS)
+  return height % stride == 0 and width % stride == 0 and channels > NARROW_CHANNELS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def strided_conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
-  """conv2d with stride > 1 whose input gradient runs as phases (strided_conv_input_grad)."""
+  """conv2d with stride > 1 whose input and kernel gradients run as phases (the CPU form)."""
   return conv2d(x, kernel, stride, padding)
 
 
@@ -246,24 +243,39 @@ class ConvTranspose3x3s2(nn.Module):
   """torch's ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1): (N,H,W,C) -> (N,2H,2W,features).
 
   The kernel is stored (3, 3, in, out) with torch's tap order (torch weight (in, out, 3, 3) transposed, not
-  flipped). It runs as its four output phases (a sub-pixel decomposition): output pixel (2m + a, 2l + b) reads
-  1, 2, 2 or 4 kernel taps, so no multiply hits a zero - a zero-dilated convolution does 4x the work, one 2x2
-  convolution producing all phases as channels 16/9x (and its fwd + bwd takes ~1.5x the CPU time of this).
+  flipped). Two forms (forms.ConvForms.subpixel_transpose): one convolution of the zero-dilated input with
+  the flipped kernel (the plain form), or its four output phases - output pixel (2m + a, 2l + b) reads 1, 2,
+  2 or 4 kernel taps, so no multiply hits an inserted zero.
   """
   features: int
   use_bias: bool = False
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   # Output row 2m + phase reads input rows m + offset with kernel row _TAP[phase][offset] (None: no tap).
   # From torch's definition y[2i - 1 + k] += x[i] w[k]: y[2m] = x[m] w[1], y[2m+1] = x[m] w[2] + x[m+1] w[0].
   _TAP = ((1, None), (2, 0))
+  # The plain form: dilate by the stride, pad (k - 1 - padding, k - 1 - padding + output_padding).
+  _DILATED_PADDING = ((1, 2), (1, 2))
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    n, h, w, c = x.shape
+    c = x.shape[-1]
     kernel = self.param("kernel", conv_transpose_init, (3, 3, c, self.features), jnp.float32)
     kernel = kernel.astype(self.dtype)
     x = x.astype(self.dtype)
+    if conv_forms(self.conv_impl).subpixel_transpose:
+      y = self._subpixel(x, kernel)
+    else:
+      y = jax.lax.conv_general_dilated(x, kernel[::-1, ::-1], (1, 1), self._DILATED_PADDING,
+                                       lhs_dilation=(2, 2), dimension_numbers=_DIMENSION_NUMBERS)
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = add_bias(y, bias.astype(self.dtype))
+    return y
+
+  def _subpixel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    n, h, w, _ = x.shape
     phases = []  # phases[a][b]: output pixels (2m + a, 2l + b), (N,H,W,features)
     for taps_h in self._TAP:
       taps_h = [t for t in taps_h if t is not None]
@@ -276,16 +288,12 @@ class ConvTranspose3x3s2(nn.Module):
         padding = ((0, len(taps_h) - 1), (0, len(taps_w) - 1))
         row.append(conv2d(x, sub_kernel, 1, padding))
       phases.append(jnp.stack(row, axis=3))  # (N,H,W,2,features)
-    y = jnp.stack(phases, axis=2).reshape(n, 2 * h, 2 * w, self.features)  # (N,H,2,W,2,F) interleaved
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-      y = add_bias(y, bias.astype(self.dtype))
-    return y
+    return jnp.stack(phases, axis=2).reshape(n, 2 * h, 2 * w, self.features)  # (N,H,2,W,2,F) interleaved
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-  """An unpadded 1x1 convolution as one matrix product over the (strided) pixels: the same sums, and on CPU
-  its kernel gradient is a plain GEMM too (XLA's convolution form of it ran 2-5x slower)."""
+  """An unpadded 1x1 convolution as one matrix product over the (strided) pixels: the same sums, and its
+  kernel gradient is a plain matrix product too."""
   if stride > 1:
     x = x[:, ::stride, ::stride]
   return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
@@ -300,12 +308,8 @@ def _padding_pairs(padding):
 class Conv(nn.Module):
   """torch's Conv2d in NHWC with float32 params (kernel (k, k, in, out), bias) and zero padding.
 
-  XLA:CPU runs an unpadded ("VALID") k>1 convolution 3-30x slower than the same convolution with any padding
-  (see benchmarks/models_bench.py), so an unpadded one is computed with one extra zero row below the input and
-  the extra output row dropped: the same numbers, at the fast path's speed. Uneven zero padding (sides or axes
-  differ, as the discriminator's last two convs) is applied to the input first: XLA:CPU's kernel gradient of
-  the (1, 1), (2, 2)-padded 32x16 conv takes ~100x longer than that of the pre-padded one (benchmarks/
-  train_step.py went from 32 s to 5 s per step).
+  `conv_impl` picks the form of each special case (forms.ConvForms): unpadded k > 1 convolutions, uneven
+  padding, 1x1 convolutions and the gradients of strided convolutions; every form gives the same numbers.
   """
   features: int
   kernel_size: int
@@ -314,41 +318,42 @@ class Conv(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = conv_init
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, s = self.kernel_size, self.stride
+    k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-    padding = _padding_pairs(self.padding)
-    uneven = len(set(sum(padding, ()))) > 1
-    if k > 1 and uneven:
-      x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-      padding = ((0, 0), (0, 0))
-    if k == 1 and all(p == (0, 0) for p in padding):
-      y = pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), s)
-    else:
-      trim = k > 1 and all(p == (0, 0) for p in padding)
-      if trim:
-        padding = ((0, s), (0, 0))
-      x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-      if s > 1 and not trim and _phase_gradients(x.shape, s):
-        y = strided_conv2d(x, kernel, s, padding)
-      else:
-        y = conv2d(x, kernel, s, padding)
-      if trim:
-        y = y[:, :-1]
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = self._convolve(x, kernel, conv_forms(self.conv_impl))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = add_bias(y, bias.astype(self.dtype))
     return y
 
+  def _convolve(self, x: jax.Array, kernel: jax.Array, forms: ConvForms) -> jax.Array:
+    k, s = self.kernel_size, self.stride
+    padding = _padding_pairs(self.padding)
+    unpadded = all(p == (0, 0) for p in padding)
+    if k == 1 and unpadded and forms.pointwise_matmul:
+      return pointwise_conv(x, kernel, s)
+    if k > 1 and len(set(sum(padding, ()))) > 1 and forms.prepad_uneven:
+      x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+      padding, unpadded = ((0, 0), (0, 0)), True
+    if k > 1 and unpadded and forms.padded_valid:
+      # One zero row below the input, the extra output row dropped.
+      return conv2d(x, kernel, s, ((0, s), (0, 0)))[:, :-1]
+    if s > 1 and forms.phase_gradients and _phase_gradients_fit(x.shape, s):
+      return strided_conv2d(x, kernel, s, padding)
+    return conv2d(x, kernel, s, padding)
+
 
 def conv(features: int, kernel_size: int, *, stride: int = 1, padding: int | Sequence[tuple[int, int]] = 0,
          use_bias: bool = False, dtype: Dtype = jnp.float32, kernel_init: Initializer = conv_init,
-         name: str | None = None) -> Conv:
+         conv_impl: str = "auto", name: str | None = None) -> Conv:
   """A torch-style Conv2d: symmetric zero padding given as an int (or explicit (H, W) pairs)."""
   return Conv(features, kernel_size, stride=stride, padding=padding, use_bias=use_bias, dtype=dtype,
-              kernel_init=kernel_init, name=name)
+              kernel_init=kernel_init, conv_impl=conv_impl, name=name)
 
 
 dense = functools.partial(nn.Dense, kernel_init=dense_init, bias_init=nn.initializers.zeros,
@@ -356,8 +361,12 @@ dense = functools.partial(nn.Dense, kernel_init=dense_init, bias_init=nn.initial
 
 
 def canonical_dtype(dtype: str | Dtype) -> jnp.dtype:
-  """Accepts "float32" / "bfloat16" (config strings) or a dtype."""
+  """config.model.dtype ("float32" / "bfloat16") or a dtype -> the compute dtype."""
   try:
-    return jnp.dtype(dtype)
+    dtype = jnp.dtype(dtype)
   except TypeError as e:
-    raise ValueError(f"unknown compute dtype {dtype!r}; use 'float32' or 'bfloat16'") from e
+    raise ValueError(f"config.model.dtype={dtype!r}; use one of {COMPUTE_DTYPES}") from e
+  if dtype.name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.model.dtype={dtype.name!r}; use one of {COMPUTE_DTYPES} (float16 would need "
+                     "loss scaling, which the method does not have)")
+  return dtype

@@ -31,10 +31,11 @@ class Bottleneck(nn.Module):
   stride: int = 1
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = conv_init
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    kw = dict(dtype=self.dtype, kernel_init=self.kernel_init)
+    kw = dict(dtype=self.dtype, kernel_init=self.kernel_init, conv_impl=self.conv_impl)
     bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
     out_channels = self.planes * EXPANSION
     y = nn.relu(bn("bn1")(conv(self.planes, 1, name="conv1", **kw)(x), train))
@@ -53,13 +54,14 @@ class ResNetStage(nn.Module):
   stride: int
   dtype: Dtype = jnp.float32
   kernel_init: Initializer = conv_init
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.num_blocks):
       stride = self.stride if i == 0 else 1
-      x = Bottleneck(self.planes, stride, dtype=self.dtype, kernel_init=self.kernel_init, name=f"block_{i}")(
-          x, train)
+      x = Bottleneck(self.planes, stride, dtype=self.dtype, kernel_init=self.kernel_init,
+                     conv_impl=self.conv_impl, name=f"block_{i}")(x, train)
     return x
 
 
@@ -72,6 +74,7 @@ class ReIDNet(nn.Module):
   stages: Sequence[int] = (4, 6, 3)
   width: int = 64
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @property
   def feature_dim(self) -> int:
@@ -82,7 +85,7 @@ class ReIDNet(nn.Module):
     x = x.astype(self.dtype)
     for i, num_blocks in enumerate(self.stages):
       x = ResNetStage(self.width * 2 ** (i + 1), num_blocks, STAGE_STRIDE, dtype=self.dtype,
-                      name=f"layer{i + 2}")(x, train)
+                      conv_impl=self.conv_impl, name=f"layer{i + 2}")(x, train)
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (N, feature_dim)
     # BNNeck: the original freezes its shift (bias.requires_grad = False) but keeps the parameter.
     bnneck = BatchNorm(scale_init=bnneck_scale_init, freeze_bias=True, dtype=jnp.float32, name=BNNECK)
@@ -104,16 +107,17 @@ class ResNetStem(nn.Module):
   num_blocks: int = 3
   width: int = 64
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = x.astype(self.dtype)
     x = conv(self.width, 7, stride=2, padding=3, dtype=self.dtype, kernel_init=resnet_conv_init,
-             name="conv1")(x)
+             conv_impl=self.conv_impl, name="conv1")(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     return ResNetStage(self.width, self.num_blocks, 1, dtype=self.dtype, kernel_init=resnet_conv_init,
-                       name="layer1")(x, train)
+                       conv_impl=self.conv_impl, name="layer1")(x, train)
 
 
 def frozen_params_mask(params):

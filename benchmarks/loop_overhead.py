@@ -1,0 +1,135 @@
+"""How much of the device's speed the training loop keeps: the real loop against the bare jitted step.
+
+python benchmarks/loop_overhead.py [--config=configs/demo.py --steps=120 --data_dir=<dir> --json]
+                                   [--config.<key>=<value>]
+
+1. The real loop: `trainer.train_and_evaluate` on a fresh workdir (data pipeline, prefetching of global
+   batches, metric handling, metrics.jsonl, TensorBoard, the progress bar). Its steps/s come from the
+   metrics.jsonl rows after the first (the first holds the warm-up), each row's images/s covering the steps
+   since the previous row; evaluation, samples and checkpoints happen outside those intervals.
+2. The bare step: the same compiled step function, state and batches (the first `--steps` batches of the same
+   stream, placed on the devices beforehand), called in a tight loop and waited for once at the end.
+
+The last stdout line (with --json) is one JSON object with `loop_steps_per_s`, `bare_steps_per_s` and
+`ratio` (= loop / bare). A small config (the demo's 64x32 images and narrow networks by default) makes the
+host's share visible: at full size a CPU step takes seconds and any loop looks free.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from synth_reid_jax import (  # noqa: E402
+    config_checks,
+    input_pipeline,
+    metric_writer,
+    sharding,
+    train_step,
+    trainer,
+)
+from synth_reid_jax.models import build_models  # noqa: E402
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.py")
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config (default: the demo).")
+flags.DEFINE_integer("steps", 120, "Train steps of each run.")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the config's data.data_dir).")
+flags.DEFINE_string("workdir", None, "Workdir of the real loop (default: a temporary directory).")
+flags.DEFINE_bool("json", False, "End with one JSON line of the measurements.")
+
+# Every periodic job other than logging happens once, after the last step, outside the timed intervals.
+NEVER = 10 ** 9
+
+
+def build_config():
+  config = _CONFIG.value
+  with config.unlocked():
+    config.train.num_steps = FLAGS.steps
+    config.train.eval_every_epochs = NEVER
+    config.train.checkpoint_every_steps = NEVER
+    config.train.sample_every_steps = NEVER
+    config.eval.visrank_topk = 0
+    if FLAGS.data_dir:
+      config.data.data_dir = FLAGS.data_dir
+  return config
+
+
+def loop_rate(config, workdir):
+  """Steps/s of the real loop over the logged intervals after the first; -> (steps/s, steps counted)."""
+  start = time.perf_counter()
+  trainer.train_and_evaluate(config, workdir)
+  wall = time.perf_counter() - start
+  rows = metric_writer.read_metrics(workdir)
+  if len(rows) < 3:
+    raise SystemExit(f"Only {len(rows)} metrics rows: use more --steps than 2 x config.train.log_every_steps "
+                     f"({config.train.log_every_steps}).")
+  steps = seconds = 0.0
+  for previous, row in zip(rows[1:], rows[2:]):
+    n = row["step"] - previous["step"]
+    steps += n
+    seconds += n * config.train.batch_size / row["images_per_sec"]
+  return steps / seconds, int(steps), wall
+
+
+def bare_rate(config, steps):
+  """Steps/s of the compiled step in a tight loop over `steps` batches already on the devices."""
+  mesh = sharding.create_mesh()
+  source = input_pipeline.create_source_pipeline(config)
+  target = input_pipeline.create_target_pipeline(config) if config_checks.needs_target(config) else None
+  batches = [trainer.next_batch(source, target, mesh) for _ in range(steps)]
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  state, optimizers = trainer.create_replicated_state(config, init_rng, source.num_classes, mesh)
+  step_fn = train_step.make_train_step(config, build_models(config, source.num_classes), optimizers,
+                                       source.steps_per_epoch, mesh)
+  state, metrics = step_fn(state, batches[0], train_rng)  # compiles
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for batch in batches[1:]:
+    state, metrics = step_fn(state, batch, train_rng)
+  jax.block_until_ready((state, metrics))
+  return (steps - 1) / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  config = build_config()
+  with tempfile.TemporaryDirectory() as scratch:
+    workdir = FLAGS.workdir or os.path.join(scratch, "run")
+    loop, counted, wall = loop_rate(config, workdir)
+  bare = bare_rate(config, FLAGS.steps)
+  results = {
+      "config": config_flags.get_config_filename(FLAGS["config"]),
+      "backend": jax.default_backend(),
+      "device": jax.devices()[0].device_kind,
+      "devices": jax.device_count(),
+      "batch_size": config.train.batch_size,
+      "height": config.data.height,
+      "width": config.data.width,
+      "steps": FLAGS.steps,
+      "loop_steps_counted": counted,
+      "loop_wall_seconds": wall,
+      "loop_steps_per_s": loop,
+      "bare_steps_per_s": bare,
+      "ratio": loop / bare,
+      "load_average": os.getloadavg()[0],
+  }
+  print(f"loop overhead: {results['config']}, batch {config.train.batch_size}, {config.data.height}x"
+        f"{config.data.width}, {results['devices']} {results['backend']} device(s), "
+        f"load {results['load_average']:.2f}")
+  print(f"  real loop   {loop:8.2f} steps/s ({counted} steps after the first log row)")
+  print(f"  bare step   {bare:8.2f} steps/s")
+  print(f"  ratio       {loop / bare:8.3f}")
+  if FLAGS.json:
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  app.run(main)

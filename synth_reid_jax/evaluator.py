@@ -1,0 +1,116 @@
+"""Query-vs-gallery evaluation of the real datasets, during training and as the eval mode.
+
+`Evaluator(config, models, mesh, workdir).run(variables, step)` evaluates every config.data.eval_datasets
+dataset: test-time features (features.py), CMC and mAP (evaluation.py), `eval/<dataset>.json` and the
+torchreid table from process 0, optionally torchreid's ranked-results pictures. It keeps each dataset's
+pipelines between calls.
+"""
+
+import json
+import os
+
+import jax
+
+from synth_reid_jax import evaluation, features, input_pipeline
+from synth_reid_jax.inference import prepare, restore_for_inference
+
+EVAL_DIR = "eval"
+VISRANK_DIR = "visrank"  # eval/visrank/<dataset>/<query file>.png
+SPLITS = ("query", "gallery")
+
+
+def eval_path(workdir, dataset_name):
+  """eval/<dataset>.json (a "/" in the name makes a subfolder)."""
+  return os.path.join(workdir, EVAL_DIR, f"{dataset_name}.json")
+
+
+class _ImageColumn:
+  """The encoded images of a split's records, indexable like a list (read only when drawn)."""
+
+  def __init__(self, records):
+    self._records = records
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, index):
+    return self._records[int(index)]["image"]
+
+
+class Evaluator:
+  """Evaluates config.data.eval_datasets with a model's variables; process 0 writes the results."""
+
+  def __init__(self, config, models, mesh, workdir, writer=None):
+    self.config, self.mesh, self.workdir, self.writer = config, mesh, workdir, writer
+    self.feature_fn = features.make_feature_fn(models, config, mesh)
+    self._streams = {}  # {dataset: {split: EvalStream}}, built on first use
+
+  def streams(self, dataset_name):
+    streams = self._streams.setdefault(dataset_name, {})
+    for split in SPLITS:
+      if split not in streams:
+        streams[split] = input_pipeline.create_eval_pipeline(self.config, dataset_name, split)
+    return streams
+
+  def evaluate_dataset(self, variables, dataset_name):
+    """-> (results {"dataset", "mAP", "cmc", ...}, query features, gallery features)."""
+    streams = self.streams(dataset_name)
+    q, g = (features.compute_features(self.feature_fn, variables, streams[s], self.mesh) for s in SPLITS)
+    ev = self.config.eval
+    results = evaluation.compute_metrics(
+        q["features"], g["features"], q["pid"], g["pid"], q["camid"], g["camid"], metric=ev.metric,
+        normalize=ev.normalize, rerank=ev.rerank, cuhk03_metric=ev.cuhk03_metric, ranks=ev.ranks)
+    return {"dataset": dataset_name, **results}, q, g
+
+  def run(self, variables, step, visrank=False):
+    """Evaluates every dataset at `step`; -> {dataset: results}. With `visrank` (and eval.visrank_topk > 0)
+    also saves the ranked-results pictures."""
+    all_results = {}
+    for name in self.config.data.eval_datasets:
+      results, q, g = self.evaluate_dataset(variables, name)
+      results = {"dataset": name, "step": int(step), **{k: v for k, v in results.items() if k != "dataset"}}
+      all_results[name] = results
+      if jax.process_index() != 0:
+        continue
+      self._write(name, results, step)
+      if visrank and self.config.eval.visrank_topk > 0:
+        self.save_visrank(name, q, g, os.path.join(self.workdir, EVAL_DIR, VISRANK_DIR, name))
+    return all_results
+
+  def _write(self, name, results, step):
+    path = eval_path(self.workdir, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2)
+    ranks = self.config.eval.ranks
+    message = evaluation.format_results(results, ranks, name=f"{name}, step {step}")
+    if self.writer is None:
+      print(message, flush=True)
+      return
+    self.writer.print(message)
+    scalars = {"mAP": results["mAP"], **{f"rank{r}": results["cmc"][r - 1] for r in ranks
+                                         if r <= len(results["cmc"])}}
+    self.writer.write_summary(step, scalars, prefix=f"eval/{name}")
+
+  def save_visrank(self, dataset_name, q, g, save_dir):
+    """torchreid's ranked results: one PNG per query with its top-k gallery images (green = same identity)."""
+    from synth_reid_jax import visualize
+    config = self.config
+    qf, gf = q["features"], g["features"]
+    if config.eval.normalize:
+      qf, gf = evaluation.normalize_features(qf), evaluation.normalize_features(gf)
+    distmat = evaluation.distance_matrix(qf, gf, config.eval.metric)
+    images = {split: _ImageColumn(input_pipeline.load_split(config, dataset_name, split)) for split in SPLITS}
+    names = [os.path.splitext(name)[0] for name in self.streams(dataset_name)["query"].labels.filenames]
+    visualize.visrank(distmat, q["pid"], g["pid"], q["camid"], g["camid"], images["query"], images["gallery"],
+                      save_dir, topk=config.eval.visrank_topk, height=config.data.height,
+                      width=config.data.width, names=names)
+
+
+def evaluate(config, workdir, step=None):
+  """The eval mode: config.data.eval_datasets with the latest (or `step`) checkpoint -> {dataset: results}."""
+  workdir, mesh = prepare(config, workdir)
+  models, variables, step = restore_for_inference(config, workdir, step, mesh)
+  if jax.process_index() == 0:
+    print(f"Evaluating {workdir} at step {step}.", flush=True)
+  return Evaluator(config, models, mesh, workdir).run(variables, step, visrank=True)

@@ -1,0 +1,57 @@
+"""Which form each convolution kind takes on each backend: the one place the model code looks at the backend.
+
+Every layer kind below has two forms that compute the same function (tests/test_forms.py checks outputs,
+gradients and a whole train step against each other in float32):
+- "xla": the plain `lax` convolution, which GPU and TPU convolution libraries handle well;
+- "cpu": a rewrite chosen from XLA:CPU timings (README, Performance; benchmarks/conv_forms.py times both).
+`config.model.conv_impl` picks them: "auto" (default) takes AUTO[backend], "xla" or "cpu" every kind's form
+of that name on any backend.
+"""
+
+import dataclasses
+
+import jax
+
+CONV_IMPLS = ("auto", "xla", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvForms:
+  """True where a layer kind takes its CPU form."""
+  # ConvTranspose3x3s2 as its four sub-pixel phases (no multiplies by inserted zeros) instead of one
+  # convolution over the zero-dilated input.
+  subpixel_transpose: bool = False
+  # An unpadded ("VALID") k > 1 convolution as a padded one with the extra output row dropped (XLA:CPU's
+  # unpadded path is several times slower).
+  padded_valid: bool = False
+  # Uneven zero padding (the discriminator's last two convs) applied with jnp.pad before the convolution
+  # instead of inside it (XLA:CPU's kernel gradient of the inline form is far slower).
+  prepad_uneven: bool = False
+  # 1x1 convolutions as matrix products over the pixels.
+  pointwise_matmul: bool = False
+  # Input and kernel gradients of strided convolutions as stride**2 stride-1 convolutions over the input's
+  # phases (a custom VJP) instead of autodiff's zero-dilated forms.
+  phase_gradients: bool = False
+
+
+XLA = ConvForms()
+CPU = ConvForms(subpixel_transpose=True, padded_valid=True, prepad_uneven=True, pointwise_matmul=True,
+                phase_gradients=True)
+# "auto": the CPU forms on XLA:CPU, the plain forms elsewhere. A CPU form moves into a GPU/TPU entry only
+# when benchmarks/conv_forms.py measured it faster on that backend.
+AUTO = {"cpu": CPU, "gpu": XLA, "cuda": XLA, "rocm": XLA, "tpu": XLA}
+
+
+def check_conv_impl(conv_impl: str) -> None:
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"config.model.conv_impl={conv_impl!r}; use one of {CONV_IMPLS}")
+
+
+def conv_forms(conv_impl: str = "auto", backend: str | None = None) -> ConvForms:
+  """The forms for `conv_impl` on `backend` (default: JAX's default backend)."""
+  check_conv_impl(conv_impl)
+  if conv_impl == "xla":
+    return XLA
+  if conv_impl == "cpu":
+    return CPU
+  return AUTO.get(backend or jax.default_backend(), XLA)
