@@ -30,7 +30,9 @@ def get_config():
   data.mean = (0.5, 0.5, 0.5)  # normalisation: (x / 255 - mean) / std
   data.std = (0.5, 0.5, 0.5)
   data.num_workers = 2  # grain worker processes per host (0 = read in the main process)
-  data.prefetch = 2  # batches buffered per worker
+  # Batches buffered per worker process. With num_workers=0, training batches are built in the trainer's own
+  # prefetching thread and evaluation batches by this many threads.
+  data.prefetch = 2
   data.sampler = "random"  # "random" or "pk" (P identities x K images, for the triplet loss)
   data.num_instances = 4  # K of the PK sampler
 
