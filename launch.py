@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 MODES = ("train", "eval", "translate", "extract")
+INTERRUPTED = 130  # the shell's exit status for a process stopped by SIGINT
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -24,6 +25,9 @@ flags.DEFINE_integer("step", None, "eval/translate/extract: the checkpoint step 
 flags.DEFINE_string("input_dir", None, "translate/extract: directory of images (searched recursively).")
 flags.DEFINE_string("output_dir", None, "translate: where the translated images go (same relative names).")
 flags.DEFINE_string("output", None, "extract: the .npz file to write (features, paths, pids, camids).")
+flags.DEFINE_bool("overwrite", False, "translate/extract: replace output files that already exist.")
+flags.DEFINE_bool("strict", False, "translate/extract: stop at the first unreadable image (default: skip it "
+                  "and list it at the end).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
@@ -36,8 +40,17 @@ _CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 def parse_flags(argv):
   """absl's flag parsing, with override typos (--config.train.batch_sise=8) reported in one clear line."""
   try:
-    return FLAGS(argv)
+    argv = FLAGS(argv)
+  except OSError as e:  # overrides applied to a config file that could not be loaded
+    _config_file_error(e)
   except flags.Error as e:
+    # A config file's own error (e.g. an unknown ":variant") comes with its traceback as text: keep its
+    # last line, which names the problem.
+    text = str(e)
+    reason = [line.strip() for line in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", line)]
+    if "Error whilst parsing config file" in text and reason:
+      flag = text.split(":", 1)[0]
+      sys.exit(f"FATAL {flag}: {reason[-1]}")
     sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
   except (AttributeError, KeyError) as e:
     # ml_collections says "'batch_sise'\nDid you mean "batch_size" instead of "batch_sise"?" (quoted twice).
@@ -47,6 +60,19 @@ def parse_flags(argv):
     hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
     sys.exit(f"FATAL Unknown config key in {' '.join(bad)}." + (f" {hint.group(0)}" if hint else "")
              + "\nEvery key is listed (and documented) in configs/default.py.")
+  if FLAGS.config is not None:
+    try:
+      _CONFIG.value.keys()  # ml_collections reports a config file it could not load only when it is read
+    except OSError as e:
+      _config_file_error(e)
+  return argv
+
+
+def _config_file_error(error):
+  """Exits with one line for a --config file that could not be loaded."""
+  missing = re.search(r"No such file or directory: '([^']+)'", f"{error} {error.__cause__}")
+  sys.exit(f"FATAL --config: {missing.group(1)} does not exist; give an experiment file such as "
+           "configs/gta2market.py (or configs/demo.py:tiny)." if missing else f"FATAL --config: {error}")
 
 
 def needs_distributed_init():
@@ -80,18 +106,30 @@ def main(argv):
     _require("input_dir", "output_dir")
   elif FLAGS.mode == "extract":
     _require("input_dir", "output")
+  from synth_reid_jax.errors import UserError
+
+  # Known errors (config, datasets, checkpoints, input files, a non-finite loss, a busy workdir) are their
+  # message alone; anything else keeps its traceback.
+  try:
+    run(config, workdir)
+  except UserError as e:
+    sys.exit(f"FATAL {e}")
+  except KeyboardInterrupt:
+    print("Interrupted: work since the last checkpoint is lost; rerun the same command to resume from it.",
+          file=sys.stderr)
+    sys.exit(INTERRUPTED)
+
+
+def run(config, workdir):
   from configs import default  # launch.py sits at the repository root, next to configs/
   from synth_reid_jax import config_checks, evaluator, inference, trainer
 
   # Everything that can be checked without compiling is checked before the first device is touched.
-  try:
-    config_checks.validate_config(config, reference=default.get_config())
-    initialize_distributed()
-    import jax
-    config_checks.validate_for_devices(config, jax.device_count())
-    config_checks.check_workdir_config(config, workdir)
-  except ValueError as e:
-    sys.exit(f"FATAL {e}")
+  config_checks.validate_config(config, reference=default.get_config())
+  initialize_distributed()
+  import jax
+  config_checks.validate_for_devices(config, jax.device_count())
+  config_checks.check_workdir_config(config, workdir)
   if jax.process_index() == 0:
     devices = jax.devices()
     print(f"{jax.process_count()} process(es), {len(devices)} {devices[0].platform.upper()} device(s) "
@@ -104,9 +142,11 @@ def main(argv):
   elif FLAGS.mode == "eval":
     evaluator.evaluate(config, workdir, step=FLAGS.step)
   elif FLAGS.mode == "translate":
-    inference.translate(config, workdir, FLAGS.input_dir, FLAGS.output_dir, step=FLAGS.step)
+    inference.translate(config, workdir, FLAGS.input_dir, FLAGS.output_dir, step=FLAGS.step,
+                        overwrite=FLAGS.overwrite, strict=FLAGS.strict)
   elif FLAGS.mode == "extract":
-    inference.extract(config, workdir, FLAGS.input_dir, FLAGS.output, step=FLAGS.step)
+    inference.extract(config, workdir, FLAGS.input_dir, FLAGS.output, step=FLAGS.step,
+                      overwrite=FLAGS.overwrite, strict=FLAGS.strict)
 
 
 if __name__ == "__main__":

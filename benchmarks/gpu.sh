@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU numbers in one run (about 8 minutes on an H100): the full-size train step (float32 and bfloat16, batch 8
+# The GPU numbers in one run (about 10 minutes on an H200; run the items you need if the time is short): the full-size train step (float32 and bfloat16, batch 8
 # and 32, and the CPU-tuned layer forms at batch 8), both forms of every convolution kind, the loop-overhead
 # benchmark on the demo and the input pipeline.
 #
@@ -47,6 +47,8 @@ original "float32 b8" --batch_size 8 --steps 20
 run "step bfloat16 b8" 180 "$py" $step --batch_size=8 --dtype=bfloat16
 original "bf16-autocast b8" --batch_size 8 --steps 20 --amp bf16
 run "loop overhead demo" 240 "$py" benchmarks/loop_overhead.py --steps=300 $data_dir --json
+run "loop overhead demo, 8 workers" 240 "$py" benchmarks/loop_overhead.py --steps=300 $data_dir \
+  --config.data.num_workers=8 --nocached --json
 run "step float32 b32" 180 "$py" $step --batch_size=32 --dtype=float32
 run "step bfloat16 b32" 180 "$py" $step --batch_size=32 --dtype=bfloat16
 original "float32 b32" --batch_size 32 --steps 10

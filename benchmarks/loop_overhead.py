@@ -50,6 +50,7 @@ flags.DEFINE_integer("steps", 120, "Train steps of each run.")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the config's data.data_dir).")
 flags.DEFINE_string("workdir", None, "Workdir of the real loop (default: a temporary directory).")
 flags.DEFINE_bool("cached", True, "Also time the real loop on batches already on the devices.")
+flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of the real loop here.")
 flags.DEFINE_bool("json", False, "End with one JSON line of the measurements.")
 
 # Every periodic job other than logging happens once, after the last step, outside the timed intervals.
@@ -127,7 +128,9 @@ def main(argv):
   config = build_config()
   with tempfile.TemporaryDirectory() as scratch:
     workdir = FLAGS.workdir or os.path.join(scratch, "run")
-    loop, counted, wall = loop_rate(config, workdir)
+    tracing = jax.profiler.trace(FLAGS.trace_dir) if FLAGS.trace_dir else contextlib.nullcontext()
+    with tracing:
+      loop, counted, wall = loop_rate(config, workdir)
   source, batches = device_batches(config, FLAGS.steps)
   bare = bare_rate(config, source, batches)
   cached = None

@@ -9,6 +9,7 @@ import json
 import os
 
 from synth_reid_jax import evaluation, input_pipeline, losses, train_step, transforms
+from synth_reid_jax.errors import ConfigError
 from synth_reid_jax.models import BACKBONES, CONV_IMPLS
 from synth_reid_jax.models.discriminator import NUM_LAYERS as DISCRIMINATOR_LAYERS
 from synth_reid_jax.models.generator import FIRST_BLOCK_LAYER
@@ -31,7 +32,7 @@ CHOICES = {
     "data.sampler": input_pipeline.SAMPLERS,
 }
 POSITIVE_TRAIN_KEYS = ("log_every_steps", "checkpoint_every_steps", "sample_every_steps", "eval_every_epochs",
-                       "keep_checkpoints")
+                       "keep_checkpoints", "divergence_factor")
 
 
 def flatten(config, prefix=""):
@@ -119,7 +120,7 @@ def validate_config(config, reference=None):
   if not ev.ranks or any(r < 1 for r in ev.ranks):
     problems.append(f"config.eval.ranks={tuple(ev.ranks)} must be ranks >= 1, e.g. (1, 5, 10, 20)")
   if problems:
-    raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
 
 
 def validate_for_devices(config, num_devices):
@@ -129,7 +130,7 @@ def validate_for_devices(config, num_devices):
     value = config[section][name]
     if value % num_devices:
       suggestion = max(1, value // num_devices) * num_devices
-      raise ValueError(f"config.{key}={value} is not divisible by the {num_devices} devices; set it to a "
+      raise ConfigError(f"config.{key}={value} is not divisible by the {num_devices} devices; set it to a "
                        f"multiple of {num_devices}, e.g. --config.{key}={suggestion}.")
 
 
@@ -147,13 +148,13 @@ def check_workdir_config(config, workdir):
     with open(path) as f:
       old = flatten(json.load(f))
   except (OSError, ValueError) as e:
-    raise ValueError(f"Cannot read {path} ({e}). Restore it from a backup, or move it away if this workdir "
+    raise ConfigError(f"Cannot read {path} ({e}). Restore it from a backup, or move it away if this workdir "
                      "is to start over with the current config.") from e
   new = flatten(config_json(config))
   differ = [f"{key}: {old[key]!r} in {path}, {new.get(key)!r} now"
             for key in SHAPE_KEYS if key in old and old[key] != new.get(key)]
   if differ:
-    raise ValueError(f"The workdir {workdir} holds a run with a different model or identity set:\n  "
+    raise ConfigError(f"The workdir {workdir} holds a run with a different model or identity set:\n  "
                      + "\n  ".join(differ) + "\nUse a fresh --workdir, or the config in that config.json.")
 
 

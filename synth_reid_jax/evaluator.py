@@ -6,6 +6,7 @@ torchreid table from process 0, optionally torchreid's ranked-results pictures. 
 pipelines between calls.
 """
 
+import contextlib
 import json
 import os
 
@@ -13,6 +14,7 @@ import jax
 
 from synth_reid_jax import evaluation, features, input_pipeline
 from synth_reid_jax.inference import prepare, restore_for_inference
+from synth_reid_jax.workdir_lock import WorkdirLock
 
 EVAL_DIR = "eval"
 VISRANK_DIR = "visrank"  # eval/visrank/<dataset>/<query file>.png
@@ -111,6 +113,8 @@ def evaluate(config, workdir, step=None):
   """The eval mode: config.data.eval_datasets with the latest (or `step`) checkpoint -> {dataset: results}."""
   workdir, mesh = prepare(config, workdir)
   models, variables, step = restore_for_inference(config, workdir, step, mesh)
-  if jax.process_index() == 0:
-    print(f"Evaluating {workdir} at step {step}.", flush=True)
-  return Evaluator(config, models, mesh, workdir).run(variables, step, visrank=True)
+  # eval/ is written by process 0, as during training: not while another run writes this workdir.
+  with WorkdirLock(workdir, "eval") if jax.process_index() == 0 else contextlib.nullcontext():
+    if jax.process_index() == 0:
+      print(f"Evaluating {workdir} at step {step}.", flush=True)
+    return Evaluator(config, models, mesh, workdir).run(variables, step, visrank=True)

@@ -54,7 +54,8 @@ def to_host(x):
 
 
 def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")):
-  """Runs `feature_fn` over an eval pipeline's batches; -> {"features": (N,D), **keys} in dataset order.
+  """Runs `feature_fn` over an eval pipeline's batches; -> {"features": (N,D), "index", **keys} in dataset
+  order ("index": each row's position in the dataset).
 
   Batches carry "image", "mask" (False on the padding of the last batch), "index" (position in the dataset)
   and the `keys`; padded rows are dropped and rows are put back in dataset order by "index".
@@ -80,5 +81,5 @@ def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")
     raise ValueError("compute_features got no batches: the evaluation split is empty.")
   stacked = {k: np.concatenate(v) for k, v in outputs.items()}
   keep = stacked.pop("mask").astype(bool)
-  order = np.argsort(stacked.pop("index")[keep], kind="stable")
+  order = np.argsort(stacked["index"][keep], kind="stable")
   return {k: v[keep][order] for k, v in stacked.items()}

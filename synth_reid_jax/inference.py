@@ -4,13 +4,29 @@ import dataclasses
 import os
 import re
 
+import grain
 import jax
 import numpy as np
 import tqdm
 from PIL import Image
 
-from synth_reid_jax import checkpointing, config_checks, features, input_pipeline, sharding, train_state
+from synth_reid_jax import (
+  checkpointing,
+  config_checks,
+  features,
+  input_pipeline,
+  sharding,
+  train_state,
+  transforms,
+)
 from synth_reid_jax.datasets import parsing
+from synth_reid_jax.errors import (
+  CheckpointDamagedError,
+  CheckpointMissingError,
+  ConfigError,
+  InputFilesError,
+  MissingInputError,
+)
 from synth_reid_jax.models import build_models
 from synth_reid_jax.transforms import to_uint8
 
@@ -40,6 +56,11 @@ def restore_for_inference(config, workdir, step=None, mesh=None):
   -> (models, variables {"params", "batch_stats"}, step).
   """
   mesh = sharding.create_mesh() if mesh is None else mesh
+  directory = checkpointing.checkpoint_dir(workdir)
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise CheckpointMissingError(  # before the Checkpointer, which would create the folder
+        f"No checkpoint in {directory}. Train first (--mode=train with this --workdir), convert one with "
+        "`python -m synth_reid_jax.tools.import_torch`, or point --workdir at a trained run.")
   checkpointer = checkpointing.Checkpointer(workdir, iterator_names=())
   try:
     step = checkpointer.resolve_step(step)
@@ -50,8 +71,14 @@ def restore_for_inference(config, workdir, step=None, mesh=None):
     replicated = sharding.replicated_sharding(mesh)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             {"params": abstract.params, "batch_stats": abstract.batch_stats})
-    encoder = "stem" if config.model.backbone == "resnet50" else "generator"
-    variables, _ = checkpointer.restore_variables(template, step=step, networks=(encoder, "reid"))
+    networks = ("stem" if config.model.backbone == "resnet50" else "generator", "reid")
+    try:
+      variables, _ = checkpointer.restore_variables(template, step=step, networks=networks)
+    except CheckpointDamagedError as e:
+      good = checkpointer.newest_intact_before(template, step, networks)
+      hint = ("No older checkpoint is intact." if good is None
+              else f"The newest intact checkpoint before it is step {good}: pass --step={good}.")
+      raise CheckpointDamagedError(f"{e} {hint}", e.step) from e
   finally:
     checkpointer.close()
   return build_models(config, num_classes), variables, step
@@ -59,7 +86,8 @@ def restore_for_inference(config, workdir, step=None, mesh=None):
 
 @dataclasses.dataclass(frozen=True)
 class _FileRecord:
-  """An image file as an eval-pipeline record; the bytes are read only when the pipeline asks for them."""
+  """An image file as an eval-pipeline record; the bytes are read only when the pipeline asks for them (a file
+  that cannot be read gives no bytes, so it is reported as unreadable with the undecodable ones)."""
   path: str
   pid: int
   camid: int
@@ -67,24 +95,51 @@ class _FileRecord:
 
   def __getitem__(self, key):
     if key == "image":
-      with open(self.path, "rb") as f:
-        return f.read()
+      try:
+        with open(self.path, "rb") as f:
+          return f.read()
+      except OSError:
+        return b""
     return getattr(self, key)
 
   def get(self, key, default=None):
     return self[key] if key in ("image", "pid", "camid", "filename") else default
 
 
+class _SkipUnreadable(grain.transforms.Map):
+  """The eval transform, but an image that does not decode becomes padding (mask False, unreadable True)."""
+
+  def __init__(self, config):
+    self.inner = transforms.eval_transform(config)
+    self.blank = np.zeros((config.data.height, config.data.width, 3), np.uint8)
+
+  def map(self, element):
+    try:
+      return {**self.inner.map(element), "unreadable": False}
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+      return {**element, "image": self.blank, "mask": False, "unreadable": True}
+
+
+def why_unreadable(path):
+  """The reason an image file does not decode (for the report at the end)."""
+  try:
+    with Image.open(path) as image:
+      image.convert("RGB").load()
+  except Exception as e:  # noqa: BLE001 - whatever PIL or the OS says is the reason
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+  return "decodes now (it changed while running)"
+
+
 def list_image_files(input_dir):
   """Relative paths of every image under input_dir (recursively, sorted)."""
   input_dir = os.path.expanduser(input_dir)
   if not os.path.isdir(input_dir):
-    raise FileNotFoundError(f"--input_dir {input_dir} is not a directory.")
+    raise MissingInputError(f"--input_dir {input_dir} is not a directory.")
   paths = sorted(os.path.relpath(os.path.join(root, name), input_dir)
                  for root, _, names in os.walk(input_dir) for name in names
                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."))
   if not paths:
-    raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under --input_dir {input_dir}.")
+    raise MissingInputError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under --input_dir {input_dir}.")
   return paths
 
 
@@ -100,52 +155,134 @@ def parse_identity(filename):
 
 def _folder_stream(config, input_dir, paths):
   records = [_FileRecord(os.path.join(input_dir, p), *parse_identity(p), p) for p in paths]
-  return input_pipeline.create_eval_pipeline(config, "input_dir", "images", records=records)
+  return input_pipeline.create_eval_pipeline(config, "input_dir", "images", records=records,
+                                             transform=_SkipUnreadable(config))
 
 
-def translate(config, workdir, input_dir, output_dir, step=None):
-  """Writes G(x) for every image under input_dir to output_dir (same relative names, at the config's size)."""
+def _inside(path, folder):
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_translate_output(input_dir, output_dir, paths, overwrite=False):
+  """Refuses, before any work, an output folder that is or lies inside the input folder, or one that already
+  holds output files (unless `overwrite`)."""
+  if _inside(output_dir, input_dir):
+    where = "is" if os.path.realpath(output_dir) == os.path.realpath(input_dir) else "lies inside"
+    raise InputFilesError(f"--output_dir {output_dir} {where} --input_dir {input_dir}: translate would write "
+                          "over or next to its own input. Use an --output_dir outside the input folder.")
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise InputFilesError(f"--output_dir {output_dir} is a file; give a folder (it is created if missing).")
+  existing = [p for p in paths if os.path.lexists(os.path.join(output_dir, p))]
+  if existing and not overwrite:
+    raise InputFilesError(
+        f"--output_dir {output_dir} already holds {len(existing)} of the {len(paths)} output files (e.g. "
+        f"{existing[0]}); nothing was written. Pass --overwrite to replace them, or use another "
+        "--output_dir.")
+
+
+def extract_output_path(output, input_dir, overwrite=False):
+  """The .npz extract writes (".npz" added as numpy does), checked before any work: not inside the input
+  folder, not an existing file (unless `overwrite`), in a folder that exists or can be made, writable."""
+  output = os.path.abspath(os.path.expanduser(output))
+  if not output.endswith(".npz"):
+    output += ".npz"
+  if _inside(output, input_dir):
+    raise InputFilesError(f"--output {output} lies inside --input_dir {input_dir}; write it elsewhere.")
+  if os.path.isdir(output):
+    raise InputFilesError(f"--output {output} is a folder; give a file name ending in .npz.")
+  if os.path.exists(output) and not overwrite:
+    raise InputFilesError(f"--output {output} exists; pass --overwrite to replace it, or another --output.")
+  parent = os.path.dirname(output)
+  ancestor = parent
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise InputFilesError(f"--output {output}: {ancestor} is a file, so the folder {parent} cannot be made.")
+  if not os.access(ancestor, os.W_OK):
+    raise InputFilesError(f"--output {output}: {ancestor} is not writable.")
+  return output
+
+
+def _report_skipped(input_dir, paths, skipped, what):
+  """Raises (exit non-zero) listing the unreadable files that were skipped, after the rest was written."""
+  if not skipped:
+    return
+  lines = [f"  {paths[i]}: {why_unreadable(os.path.join(input_dir, paths[i]))}" for i in skipped]
+  raise InputFilesError(f"{len(skipped)} of {len(paths)} images could not be read and were skipped "
+                        f"({what}):\n" + "\n".join(lines)
+                        + "\nReplace or remove them and rerun (with --overwrite).")
+
+
+def _check_strict(strict, input_dir, paths, unreadable):
+  if strict and unreadable:
+    i = unreadable[0]
+    raise InputFilesError(f"Cannot read {os.path.join(input_dir, paths[i])}: "
+                          f"{why_unreadable(os.path.join(input_dir, paths[i]))} (--strict stops at the first "
+                          "unreadable image; without it such images are skipped and listed at the end).")
+
+
+def translate(config, workdir, input_dir, output_dir, step=None, overwrite=False, strict=False):
+  """Writes G(x) for every image under input_dir to output_dir (same relative names, at the config's size).
+
+  Unreadable images are skipped (or, with `strict`, stop the run) and listed at the end (InputFilesError).
+  """
   workdir, mesh = prepare(config, workdir)
   if config.model.backbone != "generator":
-    raise ValueError(f"--mode=translate needs a generator; config.model.backbone={config.model.backbone!r}.")
-  models, variables, step = restore_for_inference(config, workdir, step, mesh)
-  input_dir = os.path.expanduser(input_dir)
+    raise ConfigError(f"--mode=translate needs a generator; config.model.backbone={config.model.backbone!r}.")
+  input_dir, output_dir = (os.path.abspath(os.path.expanduser(d)) for d in (input_dir, output_dir))
   paths = list_image_files(input_dir)
+  check_translate_output(input_dir, output_dir, paths, overwrite)
+  models, variables, step = restore_for_inference(config, workdir, step, mesh)
   stream = _folder_stream(config, input_dir, paths)
   generate = jax.jit(lambda params, x: models.generator.apply({"params": params["generator"]}, x),
                      in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
                      out_shardings=sharding.batch_sharding(mesh))
   is_main = jax.process_index() == 0
+  skipped, written = [], 0
   for batch in tqdm.tqdm(stream, total=len(stream), unit="batch", disable=not is_main, desc="translate"):
     images = sharding.make_global_batch(np.asarray(batch["image"], np.float32), mesh)
     out = to_uint8(features.to_host(generate(variables["params"], images)), config.data.mean, config.data.std)
-    mask, index = (features.to_host(np.asarray(batch[k])) for k in ("mask", "index"))
-    if not is_main:
-      continue
-    for image, keep, i in zip(out, mask, index):
-      if keep:
-        path = os.path.join(os.path.expanduser(output_dir), paths[i])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        options = {} if path.lower().endswith(".png") else {"quality": JPEG_QUALITY}
-        Image.fromarray(image).save(path, **options)
+    mask, index, unreadable = (features.to_host(np.asarray(batch[key]))
+                               for key in ("mask", "index", "unreadable"))
+    bad = [int(i) for i, u in zip(index, unreadable) if u]
+    skipped += bad
+    if is_main:
+      for image, keep, i in zip(out, mask, index):
+        if keep:
+          path = os.path.join(output_dir, paths[i])
+          os.makedirs(os.path.dirname(path), exist_ok=True)
+          options = {} if path.lower().endswith(".png") else {"quality": JPEG_QUALITY}
+          Image.fromarray(image).save(path, **options)
+          written += 1
+    _check_strict(strict, input_dir, paths, bad)
   if is_main:
-    print(f"Translated {len(paths)} images with the step-{step} generator into {output_dir}.", flush=True)
+    print(f"Translated {written} images with the step-{step} generator into {output_dir}.", flush=True)
+  _report_skipped(input_dir, paths, sorted(skipped), "translate")
 
 
-def extract(config, workdir, input_dir, output, step=None):
-  """Writes the re-ID features of every image under input_dir to an .npz (features, paths, pids, camids)."""
+def extract(config, workdir, input_dir, output, step=None, overwrite=False, strict=False):
+  """Writes the re-ID features of every image under input_dir to an .npz (features, paths, pids, camids).
+
+  Unreadable images are skipped (or, with `strict`, stop the run) and listed at the end (InputFilesError)."""
   workdir, mesh = prepare(config, workdir)
-  models, variables, step = restore_for_inference(config, workdir, step, mesh)
-  input_dir = os.path.expanduser(input_dir)
+  input_dir = os.path.abspath(os.path.expanduser(input_dir))
   paths = list_image_files(input_dir)
+  output = extract_output_path(output, input_dir, overwrite)
+  models, variables, step = restore_for_inference(config, workdir, step, mesh)
   stream = _folder_stream(config, input_dir, paths)
+  if strict:  # find the first unreadable image before computing anything
+    for batch in stream:
+      index, unreadable = (features.to_host(np.asarray(batch[key])) for key in ("index", "unreadable"))
+      _check_strict(strict, input_dir, paths, [int(i) for i in index[unreadable]])
   feature_fn = features.make_feature_fn(models, config, mesh)
   out = features.compute_features(feature_fn, variables, stream, mesh)
+  kept = [int(i) for i in out["index"]]
   if jax.process_index() == 0:
-    output = os.path.expanduser(output)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    np.savez(output, features=out["features"].astype(np.float32), paths=np.asarray(paths),
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    np.savez(output, features=out["features"].astype(np.float32), paths=np.asarray([paths[i] for i in kept]),
              pids=out["pid"].astype(np.int64), camids=out["camid"].astype(np.int64))
     num, dim = out["features"].shape
     print(f"Wrote {num} x {dim} features (step {step}) to {output}.", flush=True)
+  _report_skipped(input_dir, paths, sorted(set(range(len(paths))) - set(kept)), f"not in {output}")
   return out

@@ -286,7 +286,7 @@ class _EvalRecords(grain.MapDataset):
 class _StackAndNormalize:
   """grain batch_fn: stack a list of elements; the uint8 images become one normalised float32 array."""
 
-  _DTYPES = {"pid": np.int32, "camid": np.int32, "index": np.int32, "mask": np.bool_}
+  _DTYPES = {"pid": np.int32, "camid": np.int32, "index": np.int32, "mask": np.bool_, "unreadable": np.bool_}
 
   def __init__(self, mean: Sequence[float], std: Sequence[float]):
     self.mean, self.std = tuple(mean), tuple(std)
@@ -507,12 +507,14 @@ class EvalStream:
 
 def create_eval_pipeline(config, dataset_name: str, split: str, batch_size: int | None = None,
                          process_index: int | None = None, process_count: int | None = None, *,
-                         records: Sequence[Mapping] | None = None) -> EvalStream:
+                         records: Sequence[Mapping] | None = None,
+                         transform: grain.transforms.Map | None = None) -> EvalStream:
   """Batches {"image", "pid", "camid", "mask", "index"} of a split, unaugmented, in record order.
 
   Global batch k holds images k*B .. k*B+B-1 (B = batch_size, default config.eval.batch_size); process p
   gets its p-th slice. The last batch is padded (mask False, index/pid/camid -1), so with the mask every
-  image counts exactly once across processes. `records` replaces reading the TFDS split.
+  image counts exactly once across processes. `records` replaces reading the TFDS split, `transform` the
+  config's eval transform (decode + resize).
   """
   process_index, process_count = _process_grid(process_index, process_count)
   global_batch = config.eval.batch_size if batch_size is None else batch_size
@@ -526,7 +528,7 @@ def create_eval_pipeline(config, dataset_name: str, split: str, batch_size: int 
   data = config.data
   batches = (
       _EvalRecords(records, labels, num_batches * global_batch, data.height, data.width)
-      .map(transforms_lib.eval_transform(config))
+      .map(transform or transforms_lib.eval_transform(config))
       .batch(local_batch, drop_remainder=True, batch_fn=_StackAndNormalize(data.mean, data.std))
   )[process_index::process_count]
   return EvalStream(batches, num_batches, len(labels), local_batch, labels, data.num_workers, data.prefetch)

@@ -19,12 +19,14 @@ import numpy as np
 
 from synth_reid_jax import checkpointing, config_checks, features, input_pipeline, sharding, train_state
 from synth_reid_jax import train_step as train_step_lib
+from synth_reid_jax.errors import NonFiniteLossError
 from synth_reid_jax.evaluator import Evaluator
 from synth_reid_jax.inference import prepare
 from synth_reid_jax.metric_writer import MetricWriter
 from synth_reid_jax.models import build_models
 from synth_reid_jax.prefetch import Prefetcher
 from synth_reid_jax.transforms import to_uint8
+from synth_reid_jax.workdir_lock import WorkdirLock
 
 SAMPLES_DIR = "samples"
 # Global batches prepared ahead of the running step (each holds a source and a target batch on the devices).
@@ -163,7 +165,7 @@ def check_nonfinite(fetched, config, steps_per_epoch, checkpointer, writer):
     latest = checkpointer.latest_step()
     kept = (f"the newest checkpoint (step {latest}) holds no non-finite values" if latest is not None
             else "no checkpoint was written yet")
-    raise FloatingPointError(
+    raise NonFiniteLossError(
         f"Non-finite loss at step {step} (epoch {(step - 1) // steps_per_epoch + 1}): {names}. The step's "
         f"update was skipped and training stopped; {kept}. Lower the learning rates or loss weights, or set "
         "config.train.on_nonfinite='skip' to skip such steps.")
@@ -172,14 +174,51 @@ def check_nonfinite(fetched, config, steps_per_epoch, checkpointer, writer):
     writer.print(f"Step {step}: skipped (non-finite {names}).")
 
 
-class StopRequest:
-  """Set by SIGTERM (single process) or a preemption notice reached by every host (multi-host)."""
+class DivergenceWatch:
+  """Warns once when a logged loss grows past `factor` times its first logged value (a finite run can
+  still diverge: losses of 1e14 are finite); the rows from then on carry "diverging": 1."""
 
-  def __init__(self, checkpointer):
-    self._checkpointer, self._flag = checkpointer, threading.Event()
-    self._previous = None
+  def __init__(self, factor):
+    self.factor, self.first, self.warned = factor, {}, False
+
+  def check(self, step, row, writer):
+    diverged = []
+    for key in train_step_lib.LOSS_METRICS:
+      value = row.get(key)
+      if value is None or not np.isfinite(value) or value == 0:
+        continue
+      first = self.first.setdefault(key, abs(value))
+      if abs(value) > self.factor * first:
+        diverged.append((key, value, first))
+    if diverged:
+      row["diverging"] = 1.0
+      if not self.warned:
+        self.warned = True
+        key, value, first = max(diverged, key=lambda d: d[1] / d[2])
+        writer.print(f"WARNING: step {step}: {key} = {value:.4g}, {value / first:.3g} times its first logged "
+                     f"value ({first:.4g}): training is diverging. Lower the learning rates "
+                     "(config.optim.*.lr) or the loss weights (this warning: "
+                     f"config.train.divergence_factor={self.factor:g}).")
+    return row
+
+
+class StopRequest:
+  """Set by SIGTERM or a first Ctrl-C (single process), or a preemption notice reached by every host
+  (multi-host). A second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint."""
+
+  def __init__(self, checkpointer, writer):
+    self._checkpointer, self._writer, self._flag = checkpointer, writer, threading.Event()
+    self._previous = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+
+  def _interrupt(self, *_):
+    if self._flag.is_set():
+      raise KeyboardInterrupt
+    self._flag.set()
+    self._writer.print("Ctrl-C: stopping after this step with a checkpoint; press Ctrl-C again to quit at "
+                       "once (losing the steps since the last checkpoint).")
 
   def __call__(self, step):
     if jax.process_count() > 1:
@@ -187,8 +226,8 @@ class StopRequest:
     return self._flag.is_set()
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for number, handler in self._previous.items():
+      signal.signal(number, handler)
 
 
 # --- The loop ----------------------------------------------------------------------------------------
@@ -201,9 +240,22 @@ def train_and_evaluate(config, workdir):
   Returns the final state.
   """
   workdir, mesh = prepare(config, workdir)
+  # Process 0 writes the workdir (config.json, metrics, samples, eval/): one run at a time.
+  lock = WorkdirLock(workdir, "train") if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+    if lock.took_over:
+      print(f"Took over the workdir lock of {lock.took_over}, which is no longer running.", flush=True)
+  try:
+    return _train(config, workdir, mesh)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir, mesh):
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
     config_checks.write_config(config, workdir)
 
   source = input_pipeline.create_source_pipeline(config)
@@ -222,10 +274,14 @@ def train_and_evaluate(config, workdir):
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                             iterator_names=tuple(iterators))
   if checkpointer.latest_step() is not None:
-    state, train_rng, restored = checkpointer.restore_training(state, iterators=iterators, rng=train_rng)
-    if is_main:
+    report = lambda line: print(line, flush=True) if is_main else None
+    resumed = checkpointer.restore_newest_intact(state, iterators=iterators, rng=train_rng, report=report)
+    if resumed is not None:
+      state, train_rng, restored = resumed
       epoch = restored.get("epoch", 0)
-      print(f"Resumed from {checkpointer.directory}/{int(state.step)} (epoch {epoch:.2f}).", flush=True)
+      report(f"Resumed from {checkpointer.directory}/{int(state.step)} (epoch {epoch:.2f}).")
+    else:
+      report("No intact checkpoint left: training starts from step 0.")
   start_step = int(state.step)
   if start_step >= num_steps:
     if is_main:
@@ -243,7 +299,8 @@ def train_and_evaluate(config, workdir):
 
   writer = MetricWriter(workdir, enabled=is_main, initial_step=start_step, total_steps=num_steps)
   evaluator = Evaluator(config, models, mesh, workdir, writer)
-  stop = StopRequest(checkpointer)
+  stop = StopRequest(checkpointer, writer)
+  divergence = DivergenceWatch(train.divergence_factor)
   train_metrics = TrainMetrics(train.batch_size)
   batches = Prefetcher(lambda: next_batch(source, target, mesh),
                        lambda: {name: iterator.get_state() for name, iterator in iterators.items()},
@@ -267,7 +324,7 @@ def train_and_evaluate(config, workdir):
       # Everything below reads the state or the metrics: wait for the steps dispatched so far.
       check_nonfinite(train_metrics.fetch(), config, steps_per_epoch, checkpointer, writer)
       if log:
-        writer.write_scalars(done, train_metrics.row(epoch))
+        writer.write_scalars(done, divergence.check(done, train_metrics.row(epoch), writer))
       if sample:
         save_samples(config, translate_fn, state, batch, done, workdir)
       results = None
@@ -279,14 +336,17 @@ def train_and_evaluate(config, workdir):
         checkpointer.save(done, state, iterator_states=iterator_states, rng=train_rng, metrics=best,
                           metadata=dict(metadata, epoch=done / steps_per_epoch))
       if stopping:
-        writer.print(f"Stop requested (SIGTERM/preemption): checkpoint saved at step {done}; rerun the same "
-                     "command to resume.")
+        checkpointer.wait_until_finished()
+        writer.print(f"Stop requested (SIGTERM, Ctrl-C or preemption): checkpoint saved at step {done}; "
+                     "rerun the same command to resume.")
         break
       train_metrics.resume()
   finally:
     batches.close()
-    checkpointer.wait_until_finished()
-    checkpointer.close()
     stop.close()
     writer.close()
+    try:
+      checkpointer.wait_until_finished()
+    finally:
+      checkpointer.close()
   return state

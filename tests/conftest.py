@@ -31,3 +31,14 @@ def tiny_toy_config():
   from synth_reid_jax.datasets import ToyConfig
 
   return ToyConfig(num_train_ids=6, num_test_ids=4, images_per_id=4, num_cameras=3, queries_per_id=1)
+
+
+@pytest.fixture(scope="session")
+def launcher(fake_manual_dir, fake_data_dir, tmp_path_factory):
+  """-> start(workdir, *args): launch.py as a process on the fake trees (see processes.py)."""
+  import processes
+
+  from synth_reid_jax.datasets import get_builder
+  for name in ("gta_synthreid", "dukemtmc_reid"):
+    get_builder(name, fake_data_dir, fake_manual_dir)
+  return processes.make_launcher(fake_manual_dir, fake_data_dir, tmp_path_factory.mktemp("jax_cache"))

@@ -4,12 +4,9 @@ Exact resume (stop at a checkpoint, resume, same numbers) and SIGTERM inside the
 test_trainer.py; the unknown dataset, indivisible batch and foreign workdir errors in test_launch.py.
 """
 
-import json
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
@@ -17,68 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from processes import checkpoint_entries, finish, steps_logged, wait_for  # noqa: E402
+
 from configs import default, gta2duke  # noqa: E402
 from synth_reid_jax import config_checks, trainer  # noqa: E402
-
-TIMEOUT = 300  # seconds for any one process; each takes well under a minute
-POLL_SECONDS = 0.005
-FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
-
-
-@pytest.fixture(scope="module")
-def launcher(fake_manual_dir, fake_data_dir, tmp_path_factory):
-  """-> start(workdir, *overrides): launch.py on the fake trees (4 CPU devices), one compile cache."""
-  from synth_reid_jax.datasets import get_builder
-  for name in ("gta_synthreid", "dukemtmc_reid"):
-    get_builder(name, fake_data_dir, fake_manual_dir)
-  cache = tmp_path_factory.mktemp("jax_cache")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE_FLAG}")
-
-  def start(workdir, *overrides):
-    command = [sys.executable, os.path.join(REPO, "launch.py"), f"--config={REPO}/configs/gta2duke.py:tiny",
-               f"--workdir={workdir}", f"--config.data.manual_dir={fake_manual_dir}",
-               f"--config.data.data_dir={fake_data_dir}", "--config.data.eval_datasets=()",
-               "--config.train.sample_every_steps=1000", *overrides]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-  return start
-
-
-def finish(proc):
-  """Waits for `proc` (killing it on timeout); -> (returncode, output)."""
-  try:
-    out, _ = proc.communicate(timeout=TIMEOUT)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.communicate()
-  return proc.returncode, out
-
-
-def wait_for(predicate, proc):
-  """Polls until predicate() holds; fails if the process ends (or TIMEOUT passes) first."""
-  deadline = time.monotonic() + TIMEOUT
-  while not predicate():
-    if proc.poll() is not None:
-      pytest.fail(f"launch.py ended (rc {proc.returncode}) too early:\n{proc.stdout.read()[-3000:]}")
-    if time.monotonic() > deadline:
-      pytest.fail("timed out waiting for the run")
-    time.sleep(POLL_SECONDS)
-
-
-def steps_logged(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line)["step"] for line in f if line.strip()]
-
-
-def checkpoint_entries(workdir):
-  path = os.path.join(workdir, "checkpoints")
-  return os.listdir(path) if os.path.isdir(path) else []
 
 
 @pytest.mark.slow

@@ -86,8 +86,9 @@ def trained(data_dirs, tmp_path_factory, compilation_cache):
 @pytest.mark.slow
 def test_train_writes_the_workdir_layout(trained):
   straight, _ = trained
-  assert sorted(os.listdir(straight)) == ["checkpoints", "config.json", "eval", "metrics.jsonl", "samples",
-                                          "tensorboard"]
+  assert sorted(os.listdir(straight)) == [".lock", "checkpoints", "config.json", "eval", "metrics.jsonl",
+                                          "samples", "tensorboard"]
+  assert (straight / ".lock").read_text() == ""  # released: emptied by the clean exit
   assert sorted(os.listdir(straight / "checkpoints")) == ["2", "4"]
   assert sorted(os.listdir(straight / "samples")) == ["step_00000002.png", "step_00000004.png"]
   grid = Image.open(straight / "samples" / "step_00000002.png")

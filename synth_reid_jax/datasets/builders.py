@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from synth_reid_jax.datasets import cuhk03, images, msmt17, parsing, toy
+from synth_reid_jax.errors import DatasetError, DatasetMissingError
 
 FILE_FORMAT = "array_record"  # random access without TensorFlow (grain, as_data_source)
 # Image bytes per array_record shard: TFDS keeps a whole shard's examples in memory while writing it.
@@ -114,7 +115,7 @@ def in_file_name_order(name: str, split: str, samples: list[parsing.Sample]) -> 
   ordered = sorted(samples, key=lambda sample: sample.filename)
   for a, b in zip(ordered, ordered[1:]):
     if a.filename == b.filename:
-      raise ValueError(
+      raise DatasetError(
           f"{name}: split '{split}' holds two images named {a.filename} ({a.path} and {b.path}). Remove or "
           "rename one of them."
       )
@@ -208,7 +209,7 @@ class Cuhk03(ReidBuilder):
       return parsing.parse_splits(layout, manual_dir)
     release = cuhk03.find_release(manual_dir, image_type)
     if release is None:
-      raise FileNotFoundError(
+      raise DatasetMissingError(
           f"cuhk03/{image_type}: found neither the cuhk03-np folders nor the original release under "
           f"manual_dir {manual_dir}. Expected {self.expected_layout(image_type)}\n{layout.help()}"
       )
@@ -299,7 +300,7 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None,
       is rebuilt.
   """
   if name not in BUILDERS:
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}.")
+    raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}.")
   cls, config_name = BUILDERS[name]
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   if cls is ReidToy:
@@ -317,13 +318,13 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None,
     if builder.is_prepared():
       return builder
     if manual_dir is None:
-      raise ValueError(
+      raise DatasetError(
           f"{name} is not prepared in {data_dir} yet and no manual_dir was given: pass the folder holding "
           f"the downloaded dataset. See {parsing.DOCS_DIR}/{cls.DOC}."
       )
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-      raise FileNotFoundError(
+      raise DatasetMissingError(
           f"{name}: manual_dir {manual_dir} does not exist or is empty. Unpack the dataset there as "
           f"released; expected layout under manual_dir:\n{cls.expected_layout(config_name)}\n"
           f"See {parsing.DOCS_DIR}/{cls.DOC} for where to request it."

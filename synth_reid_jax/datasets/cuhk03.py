@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 
 from synth_reid_jax.datasets import images, parsing
+from synth_reid_jax.errors import DatasetError, DatasetMissingError
 
 RELEASE_FOLDER = "cuhk03_release"
 RELEASE_MAT = "cuhk-03.mat"
@@ -43,7 +44,7 @@ def find_release(manual_dir: str, image_type: str) -> tuple[str, str] | None:
     for config_path in candidates:
       if os.path.isfile(config_path):
         return mat_path, config_path
-    raise FileNotFoundError(
+    raise DatasetMissingError(
         f"cuhk03/{image_type}: found {mat_path} but not the new-protocol split file (looked for "
         f"{' and '.join(candidates)}). Put {protocol_file(image_type)} next to the {RELEASE_FOLDER} folder. "
         f"See {parsing.DOCS_DIR}/{DOC}."
@@ -69,7 +70,7 @@ def extract_images(mat_path: str, image_type: str, out_dir: str) -> str:
   try:
     with h5py.File(mat_path, "r") as mat:
       if image_type not in mat:
-        raise ValueError(f"{mat_path} has no '{image_type}' images; is it the CUHK03 release cuhk-03.mat?")
+        raise DatasetError(f"{mat_path} has no '{image_type}' images; is it the CUHK03 release cuhk-03.mat?")
 
       def deref(ref):
         # MATLAB stores arrays column-major: transposing gives (persons, 10) cells and (H, W, 3) images.
@@ -87,7 +88,7 @@ def extract_images(mat_path: str, image_type: str, out_dir: str) -> str:
               f.write(images.encode_png(np.ascontiguousarray(image, dtype=np.uint8)))
             written += 1
           if not written:
-            raise ValueError(
+            raise DatasetError(
                 f"{mat_path}: camera pair {pair + 1}, person {person + 1} has no '{image_type}' image.")
     open(os.path.join(tmp_dir, DONE_MARKER), "w").close()
     if os.path.isdir(out_dir):  # an interrupted earlier extraction
@@ -106,7 +107,7 @@ def protocol_splits(config_path: str, images_dir: str, image_type: str) -> dict[
   config = loadmat(config_path)
   missing = [k for k in ("filelist", "labels", "train_idx", "query_idx", "gallery_idx") if k not in config]
   if missing:
-    raise ValueError(f"{config_path} lacks {missing}; is it cuhk03_new_protocol_config_{image_type}.mat?")
+    raise DatasetError(f"{config_path} lacks {missing}; is it cuhk03_new_protocol_config_{image_type}.mat?")
   names = [str(np.ravel(entry)[0]) for entry in config["filelist"].flatten()]
   labels = config["labels"].flatten()
   splits = {}
@@ -118,15 +119,15 @@ def protocol_splits(config_path: str, images_dir: str, image_type: str) -> dict[
       try:
         view = int(name.split("_")[2])
       except (IndexError, ValueError):
-        raise ValueError(
+        raise DatasetError(
             f"cuhk03/{image_type}: cannot parse the view of {name} listed in {config_path}.") from None
       if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise DatasetMissingError(
             f"cuhk03/{image_type}: {name} is listed in {config_path} but was not extracted from "
             f"{RELEASE_MAT} (looked in {images_dir}). Do the two files come from the same release?"
         )
       samples.append(parsing.Sample(path=path, pid=int(labels[index]), camid=view - 1, filename=name))
     if not samples:
-      raise ValueError(f"cuhk03/{image_type}: split '{split}' is empty in {config_path}.")
+      raise DatasetError(f"cuhk03/{image_type}: split '{split}' is empty in {config_path}.")
     splits[split] = samples
   return splits

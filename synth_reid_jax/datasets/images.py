@@ -5,6 +5,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from synth_reid_jax.errors import DatasetError
+
 # Formats whose RGB files are stored byte for byte; anything else (or any other mode) is re-encoded as PNG.
 STORED_AS_IS = ("JPEG", "PNG")
 
@@ -21,7 +23,7 @@ def read_checked_image(path: str) -> bytes:
         return data
       rgb = image.convert("RGB")
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(
+    raise DatasetError(
         f"cannot read image {path}: {e}. Replace the file with a valid image or delete it.") from e
   # Grayscale, palette, RGBA or CMYK files become RGB PNGs, so every record decodes to H x W x 3.
   buffer = io.BytesIO()
@@ -53,7 +55,7 @@ def decode_image(value) -> np.ndarray:
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"decode_image expects an (H, W, C) image with C in 1, 3, 4, got shape {image.shape}.")
+    raise DatasetError(f"decode_image expects an (H, W, C) image with C in 1, 3, 4, got shape {image.shape}.")
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   return np.ascontiguousarray(image[..., :3])

@@ -10,6 +10,7 @@ box). Like torchreid, only listed images are read and the pid comes from the lis
 import os
 
 from synth_reid_jax.datasets import parsing
+from synth_reid_jax.errors import DatasetError, DatasetMissingError
 
 NAME = "msmt17"
 DOC = "msmt17.md"
@@ -55,7 +56,7 @@ def find_release(manual_dir: str) -> tuple[str, str]:
       if os.path.isdir(candidate):
         return candidate, version
       tried.append(candidate)
-  raise FileNotFoundError(
+  raise DatasetMissingError(
       f"{NAME}: no MSMT17 release folder under manual_dir {manual_dir} (looked for {', '.join(tried)}). "
       f"Expected layout under manual_dir:\n{expected_layout()}\n{help_text()}"
   )
@@ -71,7 +72,7 @@ def _camera(name: str) -> int | None:
 def read_list(list_path: str, images_dir: str) -> list[tuple[parsing.Sample, int]]:
   """(sample, line number) of every line of one list file; raises naming the file and line that is wrong."""
   if not os.path.isfile(list_path):
-    raise FileNotFoundError(
+    raise DatasetMissingError(
         f"{NAME}: missing list file {list_path}. The release has {', '.join(LIST_FILES)} next to its image "
         f"folders; copy them from the unpacked archive. Expected layout under manual_dir:\n"
         f"{expected_layout()}\n{help_text()}"
@@ -84,7 +85,7 @@ def read_list(list_path: str, images_dir: str) -> list[tuple[parsing.Sample, int
         continue  # a trailing empty line
       where = f"line {line_number} of {list_path}"
       if len(fields) != 2 or not fields[1].isdigit():
-        raise ValueError(
+        raise DatasetError(
             f"{NAME}: cannot parse {where}: {line.rstrip()!r}. Expected '<image path relative to "
             f"{os.path.basename(images_dir)}/> <identity>', e.g. '{EXAMPLE_LINE}'. Fix or delete the line, "
             f"or restore the file from the release. {help_text()}"
@@ -93,19 +94,19 @@ def read_list(list_path: str, images_dir: str) -> list[tuple[parsing.Sample, int
       name = os.path.basename(relative)
       camera = _camera(name)
       if camera is None:
-        raise ValueError(
+        raise DatasetError(
             f"{NAME}: cannot parse the camera of {relative} ({where}): expected names like "
             f"{os.path.basename(EXAMPLE_LINE.split()[0])}, with the camera as the third '_' field. Fix or "
             f"delete the line. {help_text()}"
         )
       if not CAMERAS[0] <= camera <= CAMERAS[1]:
-        raise ValueError(
+        raise DatasetError(
             f"{NAME}: camera {camera} of {relative} ({where}) is outside {CAMERAS[0]}..{CAMERAS[1]}. Fix or "
             "delete the line."
         )
       path = os.path.join(images_dir, relative)
       if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise DatasetMissingError(
             f"{NAME}: {relative} ({where}) does not exist: no file {path}. Unpack the whole release, and "
             "keep each version's lists with its own images (V1 lists go with train/ and test/, V2 lists with "
             f"mask_train_v2/ and mask_test_v2/). {help_text()}"
@@ -120,7 +121,7 @@ def parse_splits(manual_dir: str) -> dict[str, list[parsing.Sample]]:
   image_dirs = dict(zip(("train", "test"), (os.path.join(release, d) for d in VERSIONS[version])))
   for kind, folder in image_dirs.items():
     if not os.path.isdir(folder):
-      raise FileNotFoundError(
+      raise DatasetMissingError(
           f"{NAME}: missing folder {folder} (the {kind} images of {version}). Expected layout under "
           f"manual_dir:\n{expected_layout()}\n{help_text()}"
       )
@@ -133,14 +134,14 @@ def parse_splits(manual_dir: str) -> dict[str, list[parsing.Sample]]:
         here = f"line {line_number} of {list_path}"
         if sample.filename in seen:
           # Records are keyed by file name, and torchreid would read the image twice.
-          raise ValueError(
+          raise DatasetError(
               f"{NAME}: {sample.filename} is listed twice in split '{split}' ({seen[sample.filename]} and "
               f"{here}). Delete one of the lines."
           )
         seen[sample.filename] = here
         samples.append(sample)
     if not samples:
-      raise ValueError(
+      raise DatasetError(
           f"{NAME}: split '{split}' is empty: {' and '.join(list_names)} in {release} list no image. Restore "
           f"the list files from the release. {help_text()}"
       )

@@ -12,6 +12,8 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+from synth_reid_jax.errors import DatasetError, DatasetMissingError
+
 SPLITS = ("train", "query", "gallery")
 # Folder of each split in every released layout.
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -127,7 +129,7 @@ def find_root(layout: FolderLayout, manual_dir: str) -> str:
     if os.path.isdir(candidate):
       return candidate
   tried = ", ".join(os.path.join(manual_dir, r) for r in layout.roots)
-  raise FileNotFoundError(
+  raise DatasetMissingError(
       f"{layout.name}: no dataset folder under manual_dir {manual_dir} (looked for {tried}). Expected layout "
       f"under manual_dir:\n{layout.expected_layout()}\n{layout.help()}"
   )
@@ -148,7 +150,7 @@ def parse_name(layout: FolderLayout, name: str, path: str) -> tuple[int, int] | 
   """(pid, 0-based camid) from a file name, None for junk; raises naming the file when it does not parse."""
   match = re.search(layout.pattern, name)
   if match is None:
-    raise ValueError(
+    raise DatasetError(
         f"{layout.name}: cannot parse identity and camera from file name {path} (expected names like "
         f"{layout.example}). Remove or rename the file. {layout.help()}"
     )
@@ -156,12 +158,12 @@ def parse_name(layout: FolderLayout, name: str, path: str) -> tuple[int, int] | 
   if layout.drop_junk and pid == JUNK_PID:
     return None
   if layout.pids is not None and not layout.pids[0] <= pid <= layout.pids[1]:
-    raise ValueError(
+    raise DatasetError(
         f"{layout.name}: identity {pid} of {path} is outside {layout.pids[0]}..{layout.pids[1]}. "
         f"Remove or rename the file."
     )
   if not layout.cameras[0] <= cam <= layout.cameras[1]:
-    raise ValueError(
+    raise DatasetError(
         f"{layout.name}: camera {cam} of {path} is outside {layout.cameras[0]}..{layout.cameras[1]}. "
         f"Remove or rename the file."
     )
@@ -177,7 +179,7 @@ def parse_folder(layout: FolderLayout, folder: str, split: str) -> list[Sample]:
     if parsed is not None:
       samples.append(Sample(path=path, pid=parsed[0], camid=parsed[1], filename=name))
   if not samples:
-    raise ValueError(
+    raise DatasetError(
         f"{layout.name}: split '{split}' is empty: no *{layout.suffix} images (other than junk) in {folder}. "
         f"{layout.help()}"
     )
@@ -190,7 +192,7 @@ def parse_splits(layout: FolderLayout, manual_dir: str) -> dict[str, list[Sample
   folders = {split: os.path.join(root, SPLIT_FOLDERS[split]) for split in SPLITS}
   for split, folder in folders.items():
     if not os.path.isdir(folder):
-      raise FileNotFoundError(
+      raise DatasetMissingError(
           f"{layout.name}: missing folder {folder} (the '{split}' split). Expected layout under manual_dir:\n"
           f"{layout.expected_layout()}\n{layout.help()}"
       )
