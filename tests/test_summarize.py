@@ -86,6 +86,17 @@ def test_group_runs_by_config_except_seed(workdirs):
       ["demo_s1", "demo_s2", "demo_s3"], ["nosim_s1", "nosim_s2"]]
 
 
+def test_a_key_added_between_runs_does_not_split_a_group(workdirs):
+  """A config key the project gained after some runs (absent from their config.json) is not compared."""
+  path = os.path.join(workdirs[0], summarize.CONFIG_FILE)
+  config = json.load(open(path))
+  del config["train"]["divergence_factor"]
+  json.dump(config, open(path, "w"))
+  runs = [summarize.load_run(w) for w in workdirs]
+  assert [v.seeds for v in summarize.group_runs(runs)] == [[1, 2, 3], [1, 2]]
+  assert summarize.uncompared_keys(runs) == ["train.divergence_factor"]
+
+
 def test_one_variant_is_named_after_its_first_workdir(workdirs):
   variants = summarize.group_runs([summarize.load_run(w) for w in workdirs[:3]])
   assert [(v.name, v.seeds) for v in variants] == [("demo_s1", [1, 2, 3])]

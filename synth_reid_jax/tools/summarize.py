@@ -143,10 +143,24 @@ def load_run(workdir: str) -> Run:
   return Run(workdir=workdir, config=flatten(config), results=results)
 
 
-def experiment_key(run: Run) -> str:
-  """The run's config without the seed and NON_EXPERIMENT_KEYS, as a comparable string."""
-  kept = {k: v for k, v in run.config.items() if k != SEED_KEY and k not in NON_EXPERIMENT_KEYS}
-  return json.dumps(kept, sort_keys=True)
+def compared_keys(runs: Sequence[Run]) -> list[str]:
+  """The config keys that tell experiments apart: in every run's config, but the seed and
+  NON_EXPERIMENT_KEYS. A key only some configs hold (one added to the project between runs) is not compared:
+  see uncompared_keys."""
+  common = set.intersection(*(set(run.config) for run in runs))
+  return sorted(common - {SEED_KEY} - set(NON_EXPERIMENT_KEYS))
+
+
+def uncompared_keys(runs: Sequence[Run]) -> list[str]:
+  """Keys some configs hold and others lack (left out of the grouping)."""
+  every = set.union(*(set(run.config) for run in runs))
+  return sorted(every - set.intersection(*(set(run.config) for run in runs)))
+
+
+def experiment_key(run: Run, keys: Sequence[str] | None = None) -> str:
+  """The run's config at `keys` (default: all but the seed and NON_EXPERIMENT_KEYS), comparable."""
+  keys = compared_keys([run]) if keys is None else keys
+  return json.dumps({k: run.config.get(k, _MISSING) for k in keys}, sort_keys=True)
 
 
 def _format_value(value) -> str:
@@ -158,14 +172,14 @@ def _format_value(value) -> str:
 
 def group_runs(runs: Sequence[Run]) -> list[Variant]:
   """Variants (in order of first appearance), each named by the config keys that differ between them."""
+  keys = compared_keys(runs)
   groups = {}
   for run in runs:
-    groups.setdefault(experiment_key(run), []).append(run)
+    groups.setdefault(experiment_key(run, keys), []).append(run)
   groups = list(groups.values())
   if len(groups) == 1:
     name = os.path.basename(os.path.normpath(groups[0][0].workdir))
     return [Variant(name=name, runs=tuple(groups[0]))]
-  keys = sorted({key for group in groups for key in group[0].config} - {SEED_KEY} - set(NON_EXPERIMENT_KEYS))
   differing = [key for key in keys
                if len({json.dumps(group[0].config.get(key, _MISSING)) for group in groups}) > 1]
   return [Variant(name=", ".join(f"{key}={_format_value(group[0].config.get(key, _MISSING))}"
@@ -320,6 +334,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   except SummaryError as e:
     sys.exit(f"summarize: error: {e}")
   summaries, warnings = [], []
+  runs = [run for variant in variants for run in variant.runs]
+  if uncompared_keys(runs):
+    warnings.append(f"not compared, as only some runs' config.json hold them (keys added since): "
+                    f"{', '.join(uncompared_keys(runs))}")
   for variant in variants:
     datasets, variant_warnings = summarize(variant)
     summaries.append(datasets)
