@@ -96,10 +96,6 @@ class MetricWriter:
     if self.enabled:
       (self._bar.write if self._bar is not None else print)(message)
 
-  def flush(self):
-    if self._tb is not None:
-      self._tb.flush()
-
   def close(self):
     if self._bar is not None:
       self._bar.close()

@@ -59,20 +59,19 @@ def multistep_schedule(base_lr: float, milestones: Sequence[int], gamma: float,
                        steps_per_epoch: int) -> Callable[[Any], jax.Array]:
   """torch MultiStepLR stepped once per epoch: lr = base_lr * gamma ** #(milestones <= epoch), epoch 0-based.
 
-  With milestones (40,) the 40 first epochs (0..39) use base_lr and the 41st onwards base_lr * gamma.
+  With milestones (40,) the 40 first epochs (0..39) use base_lr and the 41st onwards base_lr * gamma: optax's
+  piecewise-constant schedule with its boundaries at the first step of each milestone epoch.
   """
   if steps_per_epoch < 1:
     raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
   if list(milestones) != sorted(milestones):
     raise ValueError(f"Learning-rate milestones must be increasing epochs, got {tuple(milestones)}.")
-  milestones = jnp.asarray(tuple(milestones), jnp.int32)
-
-  def schedule(step):
-    epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch
-    num_decays = jnp.sum(epoch >= milestones, dtype=jnp.int32)
-    return jnp.asarray(base_lr, jnp.float32) * jnp.asarray(gamma, jnp.float32) ** num_decays
-
-  return schedule
+  scales = {}
+  for milestone in milestones:  # a repeated milestone decays twice, as in torch
+    boundary = int(milestone) * steps_per_epoch
+    scales[boundary] = scales.get(boundary, 1.0) * gamma
+  schedule = optax.piecewise_constant_schedule(base_lr, scales)
+  return lambda step: jnp.asarray(schedule(step), jnp.float32)
 
 
 def create_learning_rate_fn(optim_config, steps_per_epoch: int) -> Callable[[Any], jax.Array]:

@@ -15,7 +15,8 @@ def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   if not devices:
     raise ValueError("create_mesh needs at least one device.")
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  # Auto axes: shardings are chosen by the jit's in/out shardings (the train step states them all).
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
