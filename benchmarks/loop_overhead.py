@@ -91,7 +91,9 @@ def device_batches(config, steps):
   """The first `steps` global batches of the config's streams, on the devices."""
   mesh = sharding.create_mesh()
   source = input_pipeline.create_source_pipeline(config)
-  target = input_pipeline.create_target_pipeline(config) if config_checks.needs_target(config) else None
+  target = None
+  if config_checks.needs_target(config):
+    target = input_pipeline.create_target_pipeline(config, source_steps_per_epoch=source.steps_per_epoch)
   return source, [trainer.next_batch(source, target, mesh) for _ in range(steps)]
 
 

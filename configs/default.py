@@ -24,9 +24,25 @@ def get_config():
   # The original merges train + gallery only (its combine_all(include_query=False)); True also merges query
   # images (torchreid's behaviour). GTASynthReid's query ids are gallery ids, so the classes agree.
   data.combineall_query = False
-  data.transforms = ("random_flip", "random_crop_translate")  # train augmentations; normalisation always
+  # Train augmentations, applied in torchreid's order whatever the order here: "pad", "random_crop" (a
+  # height x width window at a random position: with pad, torchreid's pad + random_crop), or
+  # "random_crop_translate", "random_flip", "color_jitter", then normalisation, then "random_erase".
+  data.transforms = ("random_flip", "random_crop_translate")
   data.crop_scale = 1.125  # random_crop_translate: resize to this factor before a random crop
   data.crop_prob = 0.5  # random_crop_translate: probability of the resize-and-crop
+  data.pad_size = 10  # pad: black border in pixels on every side (torchreid's Pad(10))
+  # color_jitter (torchvision's ColorJitter, as torchreid builds it): brightness, contrast and saturation
+  # factors uniform in [1 - s, 1 + s], hue shift uniform in [-h, h]; 0 leaves that adjustment out.
+  data.jitter_brightness = 0.2
+  data.jitter_contrast = 0.15
+  data.jitter_saturation = 0.0
+  data.jitter_hue = 0.0
+  # random_erase (torchreid's RandomErasing): with probability erase_prob, a rectangle covering a fraction
+  # uniform in erase_area of the image, aspect (height / width) uniform in [erase_aspect, 1 / erase_aspect],
+  # filled with data.mean in normalised units (as torchreid does).
+  data.erase_prob = 0.5
+  data.erase_area = (0.02, 0.4)
+  data.erase_aspect = 0.3
   data.mean = (0.5, 0.5, 0.5)  # normalisation: (x / 255 - mean) / std
   data.std = (0.5, 0.5, 0.5)
   data.num_workers = 2  # grain worker processes per host (0 = read in the main process)
@@ -35,6 +51,14 @@ def get_config():
   data.prefetch = 2
   data.sampler = "random"  # "random" or "pk" (P identities x K images, for the triplet loss)
   data.num_instances = 4  # K of the PK sampler
+  # Validation as the original's `val` mode: val_ids identities of the source's train split (after n_samples),
+  # drawn with config.seed, are held out of training; their images are the validation gallery and the first
+  # image (record order) of each of their cameras the validation query (evaluated as "<source>-val").
+  data.val = False
+  data.val_ids = 50
+  # The target stream starts a fresh pass (a new permutation) at each source epoch, and again when it runs out
+  # within one, as the original's loader; False: one continuous stream of target epochs.
+  data.target_restarts = True
 
   # --- Models -----------------------------------------------------------------------------------
   model = config.model = ml_collections.ConfigDict()

@@ -20,7 +20,7 @@ CONFIG_FILE = "config.json"
 # be resumed or evaluated with this config.
 SHAPE_KEYS = ("model.backbone", "model.ngf", "model.n_blocks", "model.ndf", "model.projector_dim",
               "model.reid_stages", "model.reid_width", "loss.nce_layers", "data.source", "data.combineall",
-              "data.combineall_query")
+              "data.combineall_query", "data.val", "data.val_ids")
 # Keys with a fixed set of values, and the code's own list of them.
 CHOICES = {
     "model.backbone": BACKBONES,

@@ -48,11 +48,20 @@ class Evaluator:
     self._streams = {}  # {dataset: {split: EvalStream}}, built on first use
 
   def streams(self, dataset_name):
-    streams = self._streams.setdefault(dataset_name, {})
-    for split in SPLITS:
-      if split not in streams:
-        streams[split] = input_pipeline.create_eval_pipeline(self.config, dataset_name, split)
-    return streams
+    if dataset_name not in self._streams:
+      if self.config.data.get("val") and dataset_name == input_pipeline.val_name(self.config):
+        self._streams[dataset_name] = input_pipeline.create_val_pipelines(self.config)
+      else:
+        self._streams[dataset_name] = {
+            split: input_pipeline.create_eval_pipeline(self.config, dataset_name, split) for split in SPLITS}
+    return self._streams[dataset_name]
+
+  def selection_dataset(self):
+    """Where the "best" checkpoint is chosen: the validation split with config.data.val, else the first
+    evaluation dataset (a test set, as the original without validation)."""
+    if self.config.data.get("val"):
+      return input_pipeline.val_name(self.config)
+    return self.config.data.eval_datasets[0] if self.config.data.eval_datasets else None
 
   def evaluate_dataset(self, variables, dataset_name):
     """-> (results {"dataset", "mAP", "cmc", ...}, query features, gallery features)."""
@@ -64,18 +73,22 @@ class Evaluator:
         normalize=ev.normalize, rerank=ev.rerank, cuhk03_metric=ev.cuhk03_metric, ranks=ev.ranks)
     return {"dataset": dataset_name, **results}, q, g
 
-  def run(self, variables, step, visrank=False):
-    """Evaluates every dataset at `step`; -> {dataset: results}. With `visrank` (and eval.visrank_topk > 0)
-    also saves the ranked-results pictures."""
+  def run(self, variables, step, visrank=False, validation=False):
+    """Evaluates every dataset at `step` (first the validation split when `validation` and config.data.val);
+    -> {dataset: results}. With `visrank` (and eval.visrank_topk > 0) also saves the ranked-results
+    pictures of the test sets."""
     all_results = {}
-    for name in self.config.data.eval_datasets:
+    names = list(self.config.data.eval_datasets)
+    if validation and self.config.data.get("val"):
+      names.insert(0, input_pipeline.val_name(self.config))
+    for name in names:
       results, q, g = self.evaluate_dataset(variables, name)
       results = {"dataset": name, "step": int(step), **{k: v for k, v in results.items() if k != "dataset"}}
       all_results[name] = results
       if jax.process_index() != 0:
         continue
       self._write(name, results, step)
-      if visrank and self.config.eval.visrank_topk > 0:
+      if visrank and self.config.eval.visrank_topk > 0 and name in self.config.data.eval_datasets:
         self.save_visrank(name, q, g, os.path.join(self.workdir, EVAL_DIR, VISRANK_DIR, name))
     return all_results
 

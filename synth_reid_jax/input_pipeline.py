@@ -3,10 +3,12 @@
 Training streams are infinite and index-addressed: position `g` of the global stream (all processes together)
 is image `g % (steps_per_epoch * global_batch)` of epoch `g // (steps_per_epoch * global_batch)`, whose order
 is a pure function of (seed, epoch) - a fresh permutation every epoch (torchreid's RandomSampler with
-drop_last) or torchreid's RandomIdentitySampler (P identities x K images). Augmentation draws from grain's
-per-position generator. So the stream is the same for any number of processes or workers: process `p` of `n`
-takes the p-th slice of every global batch, and the iterator's state (`get_state` / `set_state`) is just the
-number of batches taken, which resumes the identical stream.
+drop_last) or torchreid's RandomIdentitySampler (P identities x K images). The target stream may instead
+restart as the original's loader does (`target_pass`): a fresh pass at every source epoch and whenever it runs
+out within one. Augmentation draws from grain's per-position generator. So the stream is the same for any
+number of processes or workers: process `p` of `n` takes the p-th slice of every global batch, and the
+iterator's state (`get_state` / `set_state`) is just the number of batches taken, which resumes the identical
+stream.
 """
 
 import dataclasses
@@ -30,7 +32,7 @@ DISTRACTOR_PIDS = {"market1501": (0,)}
 # An "infinite" stream (as grain's repeat(None)); positions stay far below the uint64 limit of grain's rngs.
 _STREAM_LENGTH = sys.maxsize
 # Salts that keep the random draws of different purposes independent for one config.seed.
-_SUBSAMPLE_SALT, _ORDER_SALT, _AUGMENT_SALT = 1, 2, 3
+_SUBSAMPLE_SALT, _ORDER_SALT, _AUGMENT_SALT, _VAL_SALT = 1, 2, 3, 4
 _SOURCE_STREAM, _TARGET_STREAM = 0, 1
 # Records read per call while collecting a split's labels.
 _LABEL_READ_CHUNK = 1024
@@ -87,6 +89,10 @@ def read_labels(records: Sequence[Mapping]) -> SplitLabels:
 # --- The training example table -------------------------------------------------------------------
 
 
+def _empty_index():
+  return np.zeros((0,), np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class Examples:
   """The training images of a stream: where each one lives and its contiguous label."""
@@ -95,6 +101,10 @@ class Examples:
   record_index: np.ndarray  # int64 (N,): record number within that split
   labels: np.ndarray  # int32 (N,): identities relabelled 0..num_classes-1
   num_classes: int
+  # Validation mode: the identities held out of the train split and their images' train record numbers
+  # (after n_samples, in record order).
+  val_pids: np.ndarray = dataclasses.field(default_factory=_empty_index)
+  val_record_index: np.ndarray = dataclasses.field(default_factory=_empty_index)
 
   def __len__(self):
     return len(self.labels)
@@ -126,22 +136,45 @@ def subsample_per_identity(pids: np.ndarray, n_samples: int, rng: np.random.Gene
   return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
 
 
+def draw_val_pids(pids: np.ndarray, val_ids: int, seed: int,
+                  distractor_pids: Sequence[int] = ()) -> np.ndarray:
+  """The sorted identities held out for validation: `val_ids` of the train split's pids, drawn with `seed`."""
+  candidates = np.setdiff1d(np.unique(pids), distractor_pids)
+  if not 0 < val_ids < len(candidates):
+    raise ValueError(f"config.data.val_ids={val_ids} must be in [1, {len(candidates)}) for a train split of "
+                     f"{len(candidates)} identities (some must stay for training); lower it or set "
+                     "config.data.val=False.")
+  rng = np.random.default_rng([seed, _VAL_SALT])
+  return np.sort(rng.choice(candidates, val_ids, replace=False))
+
+
 def build_examples(labels: Mapping[str, SplitLabels], splits: Sequence[str], n_samples: int, seed: int,
-                   distractor_pids: Sequence[int] = ()) -> Examples:
+                   distractor_pids: Sequence[int] = (), val_ids: int = 0) -> Examples:
   """Merge splits into one relabelled training set, as torchreid's combine_all with synth-reid's n_samples.
 
-  Each split keeps at most n_samples images per pid (the original subsamples each folder separately). The
-  train identities become labels 0..T-1 in pid order; the test identities (query and gallery share them,
-  distractors dropped) follow as T.., even where a pid number also occurs in train.
+  Each split keeps at most n_samples images per pid (the original subsamples each folder separately). With
+  `val_ids` > 0, that many identities of the subsampled train split are held out (the original's
+  `_train_val_split`; `splits` must start with "train"). The train identities become labels 0..T-1 in pid
+  order; the test identities (query and gallery share them, distractors dropped) follow as T.., even where a
+  pid number also occurs in train. The train split is drawn first, so its subsample and held-out identities
+  do not depend on the splits that follow.
   """
   rng = np.random.default_rng([seed, _SUBSAMPLE_SALT])
+  if val_ids and (not splits or splits[0] != "train"):
+    raise ValueError(f"Validation holds identities out of the train split; splits {tuple(splits)} must start "
+                     "with 'train'.")
   split_index, record_index, keys = [], [], []
+  val_pids, val_record_index = _empty_index(), _empty_index()
   for i, split in enumerate(splits):
     pids = labels[split].pids
     kept = np.arange(len(pids))
     if split != "train":
       kept = kept[~np.isin(pids, distractor_pids)]
     kept = kept[subsample_per_identity(pids[kept], n_samples, rng)]
+    if split == "train" and val_ids:
+      val_pids = draw_val_pids(pids[kept], val_ids, seed, distractor_pids)
+      held_out = np.isin(pids[kept], val_pids)
+      val_record_index, kept = kept[held_out].astype(np.int64), kept[~held_out]
     split_index.append(np.full(len(kept), i, np.int32))
     record_index.append(kept)
     group = 0 if split == "train" else 1
@@ -150,7 +183,7 @@ def build_examples(labels: Mapping[str, SplitLabels], splits: Sequence[str], n_s
   _, label = np.unique(keys, axis=0, return_inverse=True)  # lexicographic (group, pid): train first
   label = label.reshape(-1).astype(np.int32)
   return Examples(tuple(splits), np.concatenate(split_index), np.concatenate(record_index).astype(np.int64),
-                  label, int(label.max()) + 1 if len(label) else 0)
+                  label, int(label.max()) + 1 if len(label) else 0, val_pids, val_record_index)
 
 
 # --- Epoch orders (samplers) ----------------------------------------------------------------------
@@ -188,8 +221,46 @@ def pk_order(labels: np.ndarray, num_instances: int, batch_size: int, rng: np.ra
   return np.concatenate(order) if order else np.zeros((0,), np.int64)
 
 
+def target_pass(step: int, source_steps_per_epoch: int, target_steps_per_pass: int) -> tuple[int, int, int]:
+  """(source epoch e, pass p, batch position) of the target batch taken at train step `step`.
+
+  The original re-creates the target loader's iterator at the start of every source epoch and again when it
+  runs out within one (engine.train), so pass p of epoch e is a fresh permutation; drop_last cuts each pass to
+  `target_steps_per_pass` batches.
+  """
+  epoch, step_in_epoch = divmod(step, source_steps_per_epoch)
+  pass_index, position = divmod(step_in_epoch, target_steps_per_pass)
+  return epoch, pass_index, position
+
+
+@dataclasses.dataclass(frozen=True)
+class PassLayout:
+  """Where image `g` of a global stream comes from: (the key of its pass's order, position in that order).
+
+  Continuous: pass (epoch,) of `steps_per_pass` batches after another. With `restart_every` (the source's
+  steps per epoch): the target's restarting passes (epoch, p) of `target_pass`.
+  """
+  global_batch: int
+  steps_per_pass: int
+  restart_every: int | None = None
+
+  def __call__(self, g: int) -> tuple[tuple[int, ...], int]:
+    step, slot = divmod(g, self.global_batch)
+    if self.restart_every is None:
+      epoch, position = divmod(step, self.steps_per_pass)
+      key = (epoch,)
+    else:
+      epoch, pass_index, position = target_pass(step, self.restart_every, self.steps_per_pass)
+      key = (epoch, pass_index)
+    return key, position * self.global_batch + slot
+
+
 class EpochOrders:
-  """The image order of every epoch, a pure function of (seed, epoch), `epoch_length` images long."""
+  """The image order of every pass, a pure function of (seed, pass key), `epoch_length` images long.
+
+  A pass key is (epoch,) for a continuous stream (an int works too) or (epoch, pass) for the target's
+  restarts.
+  """
 
   def __init__(self, labels: np.ndarray, epoch_length: int, seed: int, sampler: str = "random",
                num_instances: int = 4, batch_size: int = 1):
@@ -206,26 +277,27 @@ class EpochOrders:
     self.__dict__.update(state)
     self._cache, self._lock = {}, threading.Lock()
 
-  def _generate(self, epoch: int) -> np.ndarray:
+  def _generate(self, key: tuple[int, ...]) -> np.ndarray:
     if self.sampler == "random":
-      rng = np.random.default_rng([self.seed, _ORDER_SALT, epoch])
+      rng = np.random.default_rng([self.seed, _ORDER_SALT, *key])
       return random_order(len(self.labels), rng)[:self.epoch_length]
     # A PK pass yields a little less than the images; further passes fill the epoch to its fixed length.
     passes, have = [], 0
     while have < self.epoch_length:
-      rng = np.random.default_rng([self.seed, _ORDER_SALT, epoch, len(passes)])
+      rng = np.random.default_rng([self.seed, _ORDER_SALT, *key, len(passes)])
       passes.append(pk_order(self.labels, self.num_instances, self.batch_size, rng))
       have += len(passes[-1])
     return np.concatenate(passes)[:self.epoch_length]
 
-  def __call__(self, epoch: int) -> np.ndarray:
+  def __call__(self, key: int | tuple[int, ...]) -> np.ndarray:
+    key = (int(key),) if np.isscalar(key) else tuple(int(k) for k in key)
     with self._lock:  # reader threads share the cache
-      order = self._cache.get(epoch)
+      order = self._cache.get(key)
       if order is None:
-        order = self._generate(epoch)
-        if len(self._cache) >= 2:  # the stream moves forward: keep the current and the previous epoch
+        order = self._generate(key)
+        if len(self._cache) >= 2:  # the stream moves forward: keep the current and the previous pass
           self._cache.pop(min(self._cache))
-        self._cache[epoch] = order
+        self._cache[key] = order
     return order
 
 
@@ -236,9 +308,9 @@ class _StreamRecords(grain.MapDataset):
   """Infinite global stream of raw records {"image", "pid"} in epoch order."""
 
   def __init__(self, records: Sequence[Sequence[Mapping]], examples: Examples, orders: EpochOrders,
-               with_labels: bool):
+               layout: PassLayout, with_labels: bool):
     super().__init__()
-    self._records, self._examples, self._orders = records, examples, orders
+    self._records, self._examples, self._orders, self._layout = records, examples, orders, layout
     self._with_labels = with_labels
 
   def __len__(self):
@@ -250,8 +322,8 @@ class _StreamRecords(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    epoch, position = divmod(index, self._orders.epoch_length)
-    example = self._orders(epoch)[position]
+    key, position = self._layout(index)
+    example = self._orders(key)[position]
     split = self._examples.split_index[example]
     record = self._records[split][int(self._examples.record_index[example])]
     element = {"image": record["image"]}
@@ -284,7 +356,11 @@ class _EvalRecords(grain.MapDataset):
 
 
 class _StackAndNormalize:
-  """grain batch_fn: stack a list of elements; the uint8 images become one normalised float32 array."""
+  """grain batch_fn: stack a list of elements; the uint8 images become one normalised float32 array.
+
+  random_erase's rectangles (transforms.ERASE_KEY) are painted into the normalised images, where torchreid's
+  RandomErasing acts, and leave the batch.
+  """
 
   _DTYPES = {"pid": np.int32, "camid": np.int32, "index": np.int32, "mask": np.bool_, "unreadable": np.bool_}
 
@@ -295,8 +371,11 @@ class _StackAndNormalize:
   def __call__(self, elements: Sequence[dict]) -> dict:
     images = np.stack([e["image"] for e in elements])
     batch = {"image": transforms_lib.normalize(images, self.mean, self.std, self.table)}
+    if transforms_lib.ERASE_KEY in elements[0]:
+      boxes = np.stack([e[transforms_lib.ERASE_KEY] for e in elements])
+      transforms_lib.erase(batch["image"], boxes, self.mean)
     for key in elements[0]:
-      if key != "image":
+      if key not in ("image", transforms_lib.ERASE_KEY):
         batch[key] = np.asarray([e[key] for e in elements], self._DTYPES.get(key))
     return batch
 
@@ -432,16 +511,23 @@ class TrainStream:
   global_batch_size: int
 
 
-def _train_stream(config, name: str, splits: Sequence[str], n_samples: int, with_labels: bool,
-                  stream_salt: int, process_index, process_count, data_sources) -> TrainStream:
+def _source_examples(config, labels: Mapping[str, SplitLabels], splits: Sequence[str]) -> Examples:
+  """The source's training set, and in validation mode its held-out identities (one draw for both uses)."""
+  data = config.data
+  return build_examples(labels, splits, data.n_samples, _seed_for(config, _SOURCE_STREAM),
+                        DISTRACTOR_PIDS.get(data.source, ()), data.val_ids if data.val else 0)
+
+
+def _train_stream(config, name: str, splits: Sequence[str], make_examples, with_labels: bool,
+                  stream_salt: int, process_index, process_count, data_sources,
+                  restart_every: int | None = None) -> TrainStream:
+  """`make_examples(labels per split)` gives the stream's Examples."""
   data = config.data
   process_index, process_count = _process_grid(process_index, process_count)
   global_batch = config.train.batch_size
   local_batch = _local_batch_size(global_batch, process_count, "config.train.batch_size")
   records = _split_records(config, name, splits, data_sources)
-  labels = {split: read_labels(records[split]) for split in splits}
-  examples = build_examples(labels, splits, n_samples, _seed_for(config, stream_salt),
-                            DISTRACTOR_PIDS.get(name, ()))
+  examples = make_examples({split: read_labels(records[split]) for split in splits})
   steps_per_epoch = len(examples) // global_batch
   if steps_per_epoch == 0:
     raise ValueError(f"Dataset {name!r} ({'+'.join(splits)}) has {len(examples)} training images, fewer "
@@ -455,10 +541,13 @@ def _train_stream(config, name: str, splits: Sequence[str], n_samples: int, with
     if examples.num_classes < global_batch // k:
       raise ValueError(f"The PK sampler needs at least {global_batch // k} identities per batch, but "
                        f"{name!r} has {examples.num_classes}; lower config.train.batch_size.")
+  if restart_every is not None and restart_every <= 0:
+    raise ValueError(f"source_steps_per_epoch must be positive, got {restart_every}.")
   orders = EpochOrders(examples.labels, steps_per_epoch * global_batch, _seed_for(config, stream_salt),
                        sampler, data.num_instances, global_batch)
+  layout = PassLayout(global_batch, steps_per_epoch, restart_every)
   batches = (
-      _StreamRecords([records[s] for s in splits], examples, orders, with_labels)
+      _StreamRecords([records[s] for s in splits], examples, orders, layout, with_labels)
       .random_map(transforms_lib.train_transform(config), seed=_seed_for(config, stream_salt, _AUGMENT_SALT))
       .batch(local_batch, drop_remainder=True, batch_fn=_StackAndNormalize(data.mean, data.std))
   )[process_index::process_count]
@@ -471,20 +560,34 @@ def create_source_pipeline(config, process_index: int | None = None, process_cou
                            data_sources: Mapping[str, Sequence[Mapping]] | None = None) -> TrainStream:
   """Labelled source batches {"image", "pid"}: config.data.source, combineall, n_samples, sampler.
 
-  `data_sources` (split -> records) replaces reading the TFDS dataset, e.g. for in-memory data.
+  With config.data.val, the held-out validation identities (`create_val_pipelines`) are left out and the rest
+  relabelled, so num_classes counts only the trained identities. `data_sources` (split -> records) replaces
+  reading the TFDS dataset, e.g. for in-memory data.
   """
   data = config.data
   # combineall_query (torchreid's merge of the query split too) is optional: synth-reid leaves the query out.
   splits = source_splits(data.combineall, data.get("combineall_query", False))
-  return _train_stream(config, data.source, splits, data.n_samples, True, _SOURCE_STREAM,
-                       process_index, process_count, data_sources)
+  return _train_stream(config, data.source, splits, lambda labels: _source_examples(config, labels, splits),
+                       True, _SOURCE_STREAM, process_index, process_count, data_sources)
 
 
 def create_target_pipeline(config, process_index: int | None = None, process_count: int | None = None, *,
-                           data_sources: Mapping[str, Sequence[Mapping]] | None = None) -> TrainStream:
-  """Unlabelled target batches {"image"} from the train split of config.data.target (every image)."""
-  return _train_stream(config, config.data.target, ("train",), 0, False, _TARGET_STREAM,
-                       process_index, process_count, data_sources)
+                           data_sources: Mapping[str, Sequence[Mapping]] | None = None,
+                           source_steps_per_epoch: int | None = None) -> TrainStream:
+  """Unlabelled target batches {"image"} from the train split of config.data.target (every image).
+
+  With config.data.target_restarts and `source_steps_per_epoch` (the source stream's steps_per_epoch), the
+  batch of train step k comes from a fresh pass at every source epoch and whenever a pass runs out within one
+  (`target_pass`), as the original's loader; otherwise one continuous stream of target epochs.
+  """
+  restart_every = source_steps_per_epoch if config.data.target_restarts else None
+  seed = _seed_for(config, _TARGET_STREAM)
+
+  def every_image(labels):
+    return build_examples(labels, ("train",), 0, seed)
+
+  return _train_stream(config, config.data.target, ("train",), every_image, False, _TARGET_STREAM,
+                       process_index, process_count, data_sources, restart_every)
 
 
 @dataclasses.dataclass
@@ -532,6 +635,63 @@ def create_eval_pipeline(config, dataset_name: str, split: str, batch_size: int 
       .batch(local_batch, drop_remainder=True, batch_fn=_StackAndNormalize(data.mean, data.std))
   )[process_index::process_count]
   return EvalStream(batches, num_batches, len(labels), local_batch, labels, data.num_workers, data.prefetch)
+
+
+class _RecordSubset(Sequence):
+  """Some records of a split, in the given order, as a random-access data source."""
+
+  def __init__(self, records: Sequence[Mapping], indices: np.ndarray):
+    self._records, self._indices = records, np.asarray(indices, np.int64)
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, index):
+    return self._records[int(self._indices[index])]
+
+  def __getitems__(self, indices):
+    keys = [int(self._indices[i]) for i in indices]
+    getitems = getattr(self._records, "__getitems__", None)
+    return getitems(keys) if getitems is not None else [self._records[k] for k in keys]
+
+
+def val_query_index(labels: SplitLabels) -> np.ndarray:
+  """The original's `_prepare_val`: per identity, the first image (record order) of each of its cameras."""
+  _, first = np.unique(np.stack([labels.pids, labels.camids.astype(np.int64)], axis=1), axis=0,
+                       return_index=True)
+  return np.sort(first)
+
+
+def val_name(config) -> str:
+  """The name the validation results go under (eval/<name>.json)."""
+  return f"{config.data.source}-val"
+
+
+def create_val_pipelines(config, batch_size: int | None = None, process_index: int | None = None,
+                         process_count: int | None = None, *,
+                         data_sources: Mapping[str, Sequence[Mapping]] | None = None,
+                         ) -> dict[str, EvalStream]:
+  """{"query", "gallery"}: the validation streams of config.data.val, as `create_eval_pipeline` batches them.
+
+  The gallery is every image (after n_samples, in train record order) of the identities
+  `create_source_pipeline` holds out, the query the first image of each of their cameras (the original's
+  val_query, whose images stay in val_gallery too; the same-camera rule of evaluation drops them there).
+  Labels are the dataset's own pids.
+  """
+  if not config.data.val:
+    raise ValueError("create_val_pipelines needs config.data.val=True (validation identities held out).")
+  name = config.data.source
+  # The held-out draw depends on the train split alone (build_examples draws it first), so reading that split
+  # gives the identities the source stream leaves out.
+  records = _split_records(config, name, ("train",), data_sources)["train"]
+  labels = read_labels(records)
+  held_out = _source_examples(config, {"train": labels}, ("train",)).val_record_index
+  gallery = _RecordSubset(records, held_out)
+  gallery_labels = SplitLabels(labels.pids[held_out], labels.camids[held_out], labels.filenames[held_out])
+  query = _RecordSubset(gallery, val_query_index(gallery_labels))
+  return {split: create_eval_pipeline(config, val_name(config), f"val_{split}", batch_size, process_index,
+                                      process_count, records=subset)
+          for split, subset in (("query", query), ("gallery", gallery))}
 
 
 def split_labels(config, dataset_name: str, split: str) -> SplitLabels:

@@ -259,7 +259,9 @@ def _train(config, workdir, mesh):
     config_checks.write_config(config, workdir)
 
   source = input_pipeline.create_source_pipeline(config)
-  target = input_pipeline.create_target_pipeline(config) if config_checks.needs_target(config) else None
+  target = None
+  if config_checks.needs_target(config):
+    target = input_pipeline.create_target_pipeline(config, source_steps_per_epoch=source.steps_per_epoch)
   iterators = {"source": source.iterator} | ({"target": target.iterator} if target is not None else {})
   steps_per_epoch = source.steps_per_epoch
   num_steps = num_train_steps(config, steps_per_epoch)
@@ -330,11 +332,14 @@ def _train(config, workdir, mesh):
       results = None
       if evaluate:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        results = evaluator.run(variables, done, visrank=done == num_steps)
+        results = evaluator.run(variables, done, visrank=done == num_steps, validation=True)
       if checkpoint:
-        best = {"mAP": results[config.data.eval_datasets[0]]["mAP"]} if results else None
+        # The kept "best" checkpoint is ranked on the validation split when config.data.val is on.
+        selected = evaluator.selection_dataset()
+        best = {"mAP": results[selected]["mAP"]} if results and selected in results else None
+        selection = {"selected_on": selected, **(best or {})}
         checkpointer.save(done, state, iterator_states=iterator_states, rng=train_rng, metrics=best,
-                          metadata=dict(metadata, epoch=done / steps_per_epoch))
+                          metadata=dict(metadata, epoch=done / steps_per_epoch, selection=selection))
       if stopping:
         checkpointer.wait_until_finished()
         writer.print(f"Stop requested (SIGTERM, Ctrl-C or preemption): checkpoint saved at step {done}; "

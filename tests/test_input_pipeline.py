@@ -345,3 +345,185 @@ def test_reid_toy_source_and_eval(tmp_path_factory):
   query = input_pipeline.create_eval_pipeline(config, "reid_toy/synthetic", "query", 8, 0, 1)
   seen = np.concatenate([b["index"][b["mask"]] for b in query])
   assert np.array_equal(seen, np.arange(query.num_images))
+
+
+# --- random_erase in the batch ------------------------------------------------------------------------
+
+
+def test_random_erase_paints_rectangles_of_the_mean_after_normalisation():
+  config = _config(transforms=("random_erase",))
+  batches = _take(_source(config), 20)
+  assert all(set(b) == {"image", "pid"} for b in batches)  # the rectangles do not reach the trainer
+  images = np.concatenate([b["image"] for b in batches])
+  # The fake images are solid colours that never normalise to 0.5: erased pixels are exactly data.mean.
+  erased = (images == np.float32(0.5)).all(-1)
+  fraction = erased.reshape(len(images), -1).any(-1).mean()
+  assert 0.3 < fraction < 0.7
+  for mask in erased[erased.reshape(len(images), -1).any(-1)]:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    assert mask.sum() == len(rows) * len(cols)  # one rectangle
+    assert len(rows) < HEIGHT and len(cols) < WIDTH
+
+
+# --- Validation split (the original's data.val) -------------------------------------------------------
+
+
+def _val(config, **kwargs):
+  return input_pipeline.create_val_pipelines(config, 4, 0, 1, data_sources=SOURCES, **kwargs)
+
+
+def _val_config(**data):
+  return _config(**{"val": True, "val_ids": 2, **data})
+
+
+def test_val_identities_are_held_out_of_training_and_form_the_val_gallery():
+  config = _val_config()
+  val = _val(config)
+  val_pids = sorted(set(val["gallery"].labels.pids.tolist()))
+  assert len(val_pids) == 2 and set(val_pids) <= set(TRAIN_IDS)
+  stream = _source(config)
+  # combineall: 4 + 2 gallery identities (pid 0 kept for GTA) less the 2 held out; images 41 less theirs.
+  held_out_images = sum(min(TRAIN_IDS[p], 10) for p in val_pids)
+  assert stream.num_classes == 7 - 2 and stream.num_images == 41 - held_out_images
+  assert val["gallery"].num_images == held_out_images
+  seen_labels = set()
+  trained = sorted(set(TRAIN_IDS) - set(val_pids))
+  for batch in _take(stream, 3 * stream.steps_per_epoch):
+    for image_id, label in zip(_image_ids(batch["image"]), batch["pid"]):
+      split, pid = PID_OF_ID[int(image_id)]
+      assert not (split == "train" and pid in val_pids)
+      if split == "train":
+        assert label == trained.index(pid)  # the rest relabelled 0..N-1
+      seen_labels.add(int(label))
+  assert seen_labels == set(range(stream.num_classes))
+
+
+def test_val_gallery_is_the_complement_of_the_trained_train_images():
+  for combineall in (False, True):
+    config = _val_config(combineall=combineall)
+    labels = {s: input_pipeline.read_labels(SOURCES[s]) for s in ("train", "gallery")}
+    splits = input_pipeline.source_splits(combineall)
+    seed = input_pipeline._seed_for(config, input_pipeline._SOURCE_STREAM)
+    everything = input_pipeline.build_examples(labels, splits, 10, seed)
+    held = input_pipeline.build_examples(labels, splits, 10, seed, val_ids=2)
+    train_of = lambda e: set(e.record_index[e.split_index == 0].tolist())  # noqa: E731
+    assert train_of(held).isdisjoint(held.val_record_index.tolist())
+    assert train_of(held) | set(held.val_record_index.tolist()) == train_of(everything)
+    gallery = _val(config)["gallery"]
+    expected = [SOURCES["train"][i]["filename"] for i in held.val_record_index]
+    assert gallery.labels.filenames.tolist() == expected  # record order
+
+
+def test_val_query_is_the_first_image_of_each_camera_of_each_identity():
+  config = _val_config()
+  val = _val(config)
+  gallery, query = val["gallery"].labels, val["query"].labels
+  firsts = {}
+  for i, (pid, camid) in enumerate(zip(gallery.pids, gallery.camids)):
+    firsts.setdefault((int(pid), int(camid)), i)
+  assert query.filenames.tolist() == [gallery.filenames[i] for i in sorted(firsts.values())]
+  assert len(set(zip(query.pids.tolist(), query.camids.tolist()))) == len(query)
+  assert set(query.filenames.tolist()) <= set(gallery.filenames.tolist())  # as the original's val_gallery
+  for batch in val["query"]:
+    mask = batch["mask"]
+    assert np.array_equal(batch["pid"][mask], query.pids[batch["index"][mask]])
+    assert batch["image"].shape == (4, HEIGHT, WIDTH, 3)
+  assert input_pipeline.val_name(config) == "gta_synthreid-val"
+  labels = input_pipeline.SplitLabels(np.array([5, 5, 5, 4, 5]), np.array([1, 0, 1, 0, 0], np.int32),
+                                      np.array([""] * 5))
+  assert input_pipeline.val_query_index(labels).tolist() == [0, 1, 3]
+
+
+def test_val_draw_is_deterministic_per_seed():
+  def drawn(seed):
+    config = _val_config()
+    config.seed = seed
+    return sorted(set(_val(config)["gallery"].labels.pids.tolist()))
+  assert drawn(0) == drawn(0)
+  assert len({tuple(drawn(seed)) for seed in range(6)}) > 1
+  pids = np.array([1, 1, 2, 3, 3, 4, 0])
+  assert input_pipeline.draw_val_pids(pids, 2, 7, distractor_pids=(0,)).tolist() == \
+      input_pipeline.draw_val_pids(pids, 2, 7, distractor_pids=(0,)).tolist()
+  assert 0 not in input_pipeline.draw_val_pids(pids, 3, 7, distractor_pids=(0,))
+
+
+def test_val_errors():
+  with pytest.raises(ValueError, match="val_ids=4"):
+    _source(_val_config(val_ids=4))
+  with pytest.raises(ValueError, match="val=True"):
+    _val(_config())
+
+
+# --- Target restarts (the original's loader re-iterated every source epoch) ----------------------------
+
+
+def test_target_pass_mapping():
+  # 5 source steps per epoch, target passes of 2 batches: passes (e, 0), (e, 1) and a cut (e, 2).
+  mapping = [input_pipeline.target_pass(k, 5, 2) for k in range(11)]
+  assert mapping == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0),
+                     (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1), (1, 2, 0), (2, 0, 0)]
+  # A target longer than the source epoch: every epoch starts a fresh pass and never finishes it.
+  assert [input_pipeline.target_pass(k, 3, 10) for k in (2, 3, 6)] == [(0, 0, 2), (1, 0, 0), (2, 0, 0)]
+
+
+TARGET_SOURCES = {"train": [{"image": _png(i, 0), "pid": 1, "camid": 0, "filename": ""} for i in range(8)]}
+
+
+def _target(config, source_steps_per_epoch, process_index=0, process_count=1):
+  return input_pipeline.create_target_pipeline(config, process_index, process_count,
+                                               data_sources=TARGET_SOURCES,
+                                               source_steps_per_epoch=source_steps_per_epoch)
+
+
+def test_target_restarts_a_pass_at_each_source_epoch_and_when_it_runs_out():
+  config = _config()
+  stream = _target(config, source_steps_per_epoch=5)
+  assert stream.steps_per_epoch == 2
+  ids = [_image_ids(b["image"]).tolist() for b in _take(stream, 15)]
+  for epoch in range(3):
+    steps = ids[5 * epoch:5 * epoch + 5]
+    assert sorted(steps[0] + steps[1]) == list(range(8))  # pass (e, 0), whole
+    assert sorted(steps[2] + steps[3]) == list(range(8))  # pass (e, 1): the first ran out
+    assert len(set(steps[4])) == 4  # pass (e, 2), cut by the epoch's end
+  passes = [tuple(ids[k] + ids[k + 1]) for k in (0, 2, 5, 7, 10)]
+  assert len(set(passes)) == len(passes)  # each pass a fresh permutation
+  # Exactly the pure mapping: pass (e, p)'s order drawn from (seed, e, p).
+  seed = input_pipeline._seed_for(config, input_pipeline._TARGET_STREAM)
+  orders = input_pipeline.EpochOrders(np.zeros(8), 8, seed)
+  for k in range(15):
+    epoch, pass_index, position = input_pipeline.target_pass(k, 5, 2)
+    assert ids[k] == orders((epoch, pass_index))[4 * position:4 * position + 4].tolist()
+
+
+def test_target_restarts_off_or_unknown_source_epoch_is_the_continuous_stream():
+  config = _config()
+  continuous = [_image_ids(b["image"]).tolist() for b in _take(_target(config, None), 6)]
+  assert sorted(continuous[2] + continuous[3]) == list(range(8))  # epochs of the target itself
+  config.data.target_restarts = False
+  off = [_image_ids(b["image"]).tolist() for b in _take(_target(config, 3), 6)]
+  assert off == continuous
+  restarted = [_image_ids(b["image"]).tolist() for b in _take(_target(_config(), 3), 6)]
+  assert restarted != continuous
+  with pytest.raises(ValueError, match="source_steps_per_epoch"):
+    _target(_config(), 0)
+
+
+def test_target_restarts_resume_and_shard_exactly():
+  config = _config()
+  expected = _take(_target(config, 5), 14)
+  resumed = _target(config, 5)
+  resumed.iterator.set_state({"step": 9})
+  for a, b in zip(_take(resumed, 5), expected[9:]):
+    assert np.array_equal(a["image"], b["image"])
+  shards = [_take(_target(config, 5, p, 2), 14) for p in range(2)]
+  for k, batch in enumerate(expected):
+    assert np.array_equal(np.concatenate([shards[0][k]["image"], shards[1][k]["image"]]), batch["image"])
+  config.data.num_workers = 2
+  stream = _target(config, 5)
+  try:
+    stream.iterator.set_state({"step": 4})
+    for a, b in zip(_take(stream, 6), expected[4:10]):
+      assert np.array_equal(a["image"], b["image"])
+    assert stream.iterator.get_state() == {"step": 10}
+  finally:
+    stream.iterator.close()

@@ -315,3 +315,22 @@ def test_sigterm_saves_a_checkpoint_and_returns(data_dirs, tmp_path, monkeypatch
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
   assert sorted(rows_by_step(tmp_path)) == [1]
   assert signal.getsignal(signal.SIGTERM) == previous  # the trainer's handler is gone again
+
+
+@pytest.mark.slow
+def test_validation_split_is_evaluated_and_picks_the_best_checkpoint(data_dirs, tmp_path, compilation_cache):
+  """data.val: identities held out of the source's training split are evaluated as query/gallery during
+  training (eval/<source>-val.json) and rank the kept "best" checkpoint, never a test set."""
+  del compilation_cache
+  config = tiny_config(data_dirs, num_steps=2)
+  config.data.val, config.data.val_ids = True, 2
+  trainer.train_and_evaluate(config, str(tmp_path))
+  results = json.load(open(tmp_path / "eval" / "gta_synthreid-val.json"))
+  assert results["dataset"] == "gta_synthreid-val" and results["step"] == 2 and results["num_query"] > 0
+  assert os.path.exists(tmp_path / "eval" / "market1501.json")  # the test set is still reported
+  checkpointer = checkpointing.Checkpointer(str(tmp_path))
+  try:
+    selection = checkpointer.metadata(2)["selection"]
+  finally:
+    checkpointer.close()
+  assert selection == {"selected_on": "gta_synthreid-val", "mAP": pytest.approx(results["mAP"])}
