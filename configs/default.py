@@ -62,7 +62,10 @@ def get_config():
 
   # --- Models -----------------------------------------------------------------------------------
   model = config.model = ml_collections.ConfigDict()
-  model.backbone = "generator"  # what R reads: G's encoder ("generator") or a ResNet-50 stem ("resnet50")
+  # What R reads: G's encoder ("generator", the method), or a ResNet-50 stem for direct transfer:
+  # "resnet50_plain" (torchreid's resnet50: pooled 2048-d feature at test, no BNNeck; configs/baseline.py) or
+  # "resnet50" (the same with R's BNNeck head).
+  model.backbone = "generator"
   model.ngf = 64  # generator base width (encoder output has 4 * ngf channels)
   model.n_blocks = 9  # generator residual blocks (encoder layers 4 .. 3 + n_blocks)
   model.ndf = 64  # discriminator base width
@@ -78,7 +81,10 @@ def get_config():
   # on CPU, the plain lax forms on GPU and TPU), "xla" (plain everywhere) or "cpu" (CPU-tuned everywhere).
   # Every form computes the same numbers up to float32 rounding.
   model.conv_impl = "auto"
-  model.pretrained_reid = ""  # optional .npz of ImageNet ResNet-50 weights (from tools.import_torch)
+  # Optional .npz of ImageNet ResNet-50 weights (python -m synth_reid_jax.tools.import_torch --resnet50=...):
+  # loads the baselines' stem and R's stages 2-4; the classifier and BNNeck keep their init. The original's
+  # baseline starts from ImageNet; its method trains R from scratch.
+  model.pretrained_reid = ""
 
   # --- Losses (names of the original config in the comments) ------------------------------------
   loss = config.loss = ml_collections.ConfigDict()

@@ -10,7 +10,7 @@ import os
 
 from synth_reid_jax import evaluation, input_pipeline, losses, train_step, transforms
 from synth_reid_jax.errors import ConfigError
-from synth_reid_jax.models import BACKBONES, CONV_IMPLS
+from synth_reid_jax.models import BACKBONES, BASELINE_BACKBONES, CONV_IMPLS
 from synth_reid_jax.models.discriminator import NUM_LAYERS as DISCRIMINATOR_LAYERS
 from synth_reid_jax.models.generator import FIRST_BLOCK_LAYER
 from synth_reid_jax.models.layers import COMPUTE_DTYPES
@@ -103,9 +103,10 @@ def validate_config(config, reference=None):
   if loss.sim > 0 and bad:
     problems.append(f"config.loss.dis_layers {tuple(loss.dis_layers)}: {bad} out of range; the "
                     f"discriminator has layers 0..{DISCRIMINATOR_LAYERS - 1}")
-  if model.backbone == "resnet50" and any(loss[k] > 0 for k in ("gan", "dis", "nce", "nce_idt", "sim")):
-    problems.append("config.model.backbone='resnet50' (direct transfer) has no generator: set config.loss."
-                    "{gan, dis, nce, nce_idt, sim} to 0 (see configs/baseline.py)")
+  translation = ("gan", "dis", "nce", "nce_idt", "sim")
+  if model.backbone in BASELINE_BACKBONES and any(loss[k] > 0 for k in translation):
+    problems.append(f"config.model.backbone={model.backbone!r} (direct transfer) has no generator: set "
+                    "config.loss.{gan, dis, nce, nce_idt, sim} to 0 (see configs/baseline.py)")
   if loss.reid_ce <= 0 and loss.reid_triplet <= 0:
     problems.append("config.loss.reid_ce and reid_triplet are both 0: the re-ID network would never train")
   if train.batch_size <= 0:

@@ -1,4 +1,5 @@
-"""Test-time re-ID features: R(encoder(x)) (BNNeck output, eval mode), + R(encoder(flip(x))) with eval flip.
+"""Test-time re-ID features: R(encoder(x)) (the BNNeck output, or the pooled feature of resnet50_plain; eval
+mode), + R(encoder(flip(x))) with eval flip.
 
 As torchreid's engine with eval_flip, the two features are summed (not averaged, not concatenated).
 """

@@ -66,12 +66,13 @@ def restore_for_inference(config, workdir, step=None, mesh=None):
     step = checkpointer.resolve_step(step)
     metadata = checkpointer.metadata(step)
     num_classes = int(metadata["num_classes"])
-    abstract = jax.eval_shape(lambda key: train_state.create_train_state(config, key, num_classes)[0],
+    abstract = jax.eval_shape(
+        lambda key: train_state.create_train_state(config, key, num_classes, pretrained=False)[0],
                               jax.random.key(0))
     replicated = sharding.replicated_sharding(mesh)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             {"params": abstract.params, "batch_stats": abstract.batch_stats})
-    networks = ("stem" if config.model.backbone == "resnet50" else "generator", "reid")
+    networks = ("generator" if config.model.backbone == "generator" else "stem", "reid")
     try:
       variables, _ = checkpointer.restore_variables(template, step=step, networks=networks)
     except CheckpointDamagedError as e:

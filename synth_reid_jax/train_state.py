@@ -1,5 +1,6 @@
 """The train state (params, BatchNorm statistics and optimizer states of every network) and its creation."""
 
+import functools
 from typing import Any
 
 import flax
@@ -9,6 +10,7 @@ import optax
 
 from synth_reid_jax import optim
 from synth_reid_jax.models import Models, build_models, frozen_params_mask
+from synth_reid_jax.tools import import_torch
 
 # Which optimizer block (config.optim.<name>) trains each network. The baseline's ResNet-50 stem is part of
 # the re-ID network there (torchreid trains the whole ResNet-50 with one optimizer).
@@ -24,7 +26,7 @@ class TrainState:
   """Everything a train step reads and writes, replicated on every device.
 
   params / opt_state: {"generator", "discriminator", "projector", "reid"} for the method, {"stem", "reid"} for
-  the resnet50 baseline; batch_stats: {"reid"} (+ "stem"). `step` counts train steps (epoch = step // steps
+  the ResNet-50 baselines; batch_stats: {"reid"} (+ "stem"). `step` counts train steps (epoch = step // steps
   per epoch).
   """
   step: jax.Array
@@ -41,7 +43,7 @@ def _init_variables(config, models: Models, rng):
   init_key = jax.random.wrap_key_data(jax.random.bits(rng, (RBG_KEY_WORDS,), jnp.uint32), impl="rbg")
   rngs = dict(zip(("generator", "discriminator", "projector", "reid", "stem"), jax.random.split(init_key, 5)))
   variables = {}
-  if config.model.backbone == "resnet50":  # the baseline: a ResNet-50 stem replaces G
+  if models.stem is not None:  # a baseline: a ResNet-50 stem replaces G
     variables["stem"] = models.stem.init(rngs["stem"], image, train=False)
     reid_input = jax.eval_shape(lambda v, x: models.stem.apply(v, x, train=False), variables["stem"], image)
   else:
@@ -68,14 +70,37 @@ def create_optimizers(config, params) -> dict[str, optax.GradientTransformation]
   return optimizers
 
 
-def create_train_state(config, rng, num_classes: int
+def _with_pretrained(variables, pretrained):
+  """`variables` with the leaves of `pretrained` (import_torch.read_pretrained's numpy trees) replaced.
+
+  The values come in through a host callback when the compiled init runs: as constants of the traced program
+  (the trainer compiles create_train_state whole) ImageNet's ~24M values would be embedded in the HLO.
+  """
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pretrained)
+  values = jax.pure_callback(lambda: pretrained, shapes)
+  return {name: import_torch.merge_pretrained(v, values[name]) if name in values else v
+          for name, v in variables.items()}
+
+
+def create_train_state(config, rng, num_classes: int, pretrained: bool = True
                        ) -> tuple[TrainState, dict[str, optax.GradientTransformation]]:
-  """Initialises every network for config.data.{height, width} and its optimizer; -> (state, optimizers)."""
+  """Initialises every network for config.data.{height, width} and its optimizer; -> (state, optimizers).
+
+  With config.model.pretrained_reid (an .npz from `import_torch --resnet50`), the baselines' stem and R's
+  stages 2-4 start from its ImageNet weights (checked against the configured sizes before anything runs); R's
+  BNNeck and classifier keep their initialisation. `pretrained=False` leaves the file unread (for abstract
+  states whose values a checkpoint restores).
+  """
   if config.data.height % 4 or config.data.width % 4:
     raise ValueError(f"Image size {config.data.height}x{config.data.width} must be a multiple of 4 "
                      "(config.data.height / width).")
   models = build_models(config, num_classes)
-  variables = jax.jit(lambda key: _init_variables(config, models, key))(rng)
+  init = functools.partial(_init_variables, config, models)
+  weights = config.model.get("pretrained_reid", "") if pretrained else ""
+  if weights:
+    loaded = import_torch.read_pretrained(jax.eval_shape(init, rng), weights)
+    init = lambda key, init=init: _with_pretrained(init(key), loaded)
+  variables = jax.jit(init)(rng)
   params = {name: v["params"] for name, v in variables.items()}
   batch_stats = {name: variables[name]["batch_stats"] for name in BATCH_NORM_MODELS if name in variables}
   optimizers = create_optimizers(config, params)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from synth_reid_jax import compile_options, losses, optim
-from synth_reid_jax.models import Models, sample_patch_ids
+from synth_reid_jax.models import BASELINE_BACKBONES, Models, sample_patch_ids
 from synth_reid_jax.models.discriminator import NUM_LAYERS as _DISCRIMINATOR_LAYERS
 from synth_reid_jax.sharding import batch_sharding, check_batch_size, replicated_sharding
 from synth_reid_jax.train_state import OPTIMIZER_CONFIG, TrainState
@@ -310,7 +310,7 @@ def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_ep
   """Direct transfer: ResNet-50 (stem + R) trained with the re-ID losses on the source images only."""
   w = config.loss
   if not (w.reid_ce > 0 or w.reid_triplet > 0):
-    raise ValueError("The resnet50 baseline trains with the re-ID losses only; set config.loss.reid_ce "
+    raise ValueError("The ResNet-50 baselines train with the re-ID losses only; set config.loss.reid_ce "
                      "and/or config.loss.reid_triplet > 0.")
 
   def objective(trainable, batch_stats, source, pids):
@@ -351,7 +351,7 @@ def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_pe
   check_batch_size(config.train.batch_size, mesh)
   lr_fns = {name: optim.create_learning_rate_fn(config.optim[OPTIMIZER_CONFIG[name]], steps_per_epoch)
             for name in optimizers}
-  make = _make_baseline_step if config.model.backbone == "resnet50" else _make_method_step
+  make = _make_baseline_step if config.model.backbone in BASELINE_BACKBONES else _make_method_step
   step = make(config, models, optimizers, lr_fns, steps_per_epoch)
   replicated = replicated_sharding(mesh)
   return jax.jit(step, in_shardings=(replicated, batch_sharding(mesh), replicated),

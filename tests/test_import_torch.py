@@ -319,6 +319,43 @@ def test_resnet50_conversion_matches_torch(tmp_path):
     import_torch.merge_pretrained({"reid": wider}, {"reid": pretrained["reid"]})
 
 
+def test_plain_resnet50_matches_torchreids_resnet50(tmp_path):
+  """backbone="resnet50_plain" with the converted weights and torch's fc as the classifier computes what
+  torchreid's resnet50 does: logits of the pooled feature in training, the pooled feature at test time."""
+  torch.manual_seed(2)
+  stages = (3, 1, 1, 1)  # ResNetStem has layer1's three blocks
+  net = randomize_bn_stats(TorchResNet50(WIDTH, stages), 3).eval()
+  import_torch.save_npz(tmp_path / "r.npz", import_torch.convert_resnet50(net.state_dict()))
+  x = images(n=4, seed=5)
+  stem, reid = ResNetStem(width=WIDTH), ReIDNet(10, stages=stages[1:], width=WIDTH, neck="none")
+  variables = {"stem": zeros_like_init(stem, x)}
+  variables["reid"] = zeros_like_init(reid, jax.eval_shape(lambda v, x: stem.apply(v, x, train=False),
+                                                           variables["stem"], x))
+  variables = import_torch.apply_pretrained(variables, tmp_path / "r.npz")
+  variables["reid"]["params"]["classifier"] = {"kernel": net.fc.weight.detach().numpy().T,
+                                               "bias": net.fc.bias.detach().numpy()}
+
+  def forward(v, x, train):
+    feats = stem.apply(v["stem"], x, train=train, mutable=["batch_stats"] if train else False)
+    feats = feats[0] if train else feats
+    out = reid.apply(v["reid"], feats, train=train, mutable=["batch_stats"] if train else False)
+    return out[0] if train else out
+
+  def torch_forward(net, x):
+    pooled = net.layer4(net.layer3(net.layer2(net.stem(nchw(x))))).mean(dim=(2, 3))
+    return net.fc(pooled), pooled
+
+  with torch.no_grad():
+    _, want_feature = torch_forward(net, x)
+    net.train()
+    want_logits, want_pooled = torch_forward(net, x)
+  feature = jax.jit(lambda v, x: forward(v, x, False))(variables, x)
+  logits, pooled = jax.jit(lambda v, x: forward(v, x, True))(variables, x)
+  # Five blocks deeper than the other parity tests: float32 rounding reaches ~1e-4 on values ~2.
+  for got, want in ((feature, want_feature), (pooled, want_pooled), (logits, want_logits)):
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
 # --- files and the command line -----------------------------------------------------------------------------
 
 def test_command_line_writes_a_restorable_checkpoint(tmp_path, torch_nets, variables):

@@ -102,6 +102,57 @@ def test_resnet50_stem_matches_the_encoder_output_shape():
   assert out.shape == (2, 64, 32, 256)
 
 
+def test_resnet50_plain_is_torchvisions_resnet50_without_its_fc():
+  config = default.get_config()
+  config.model.backbone = "resnet50_plain"
+  models = build_models(config, num_classes=10)
+  rng, image = jax.random.PRNGKey(0), jax.ShapeDtypeStruct((2, 256, 128, 3), jnp.float32)
+  stem = jax.eval_shape(lambda k, x: models.stem.init(k, x, train=False), rng, image)
+  features = jax.eval_shape(lambda v, x: models.stem.apply(v, x, train=False), stem, image)
+  reid = jax.eval_shape(lambda k, x: models.reid.init(k, x, train=False), rng, features)
+  assert set(reid["params"]) == {"layer2", "layer3", "layer4", "classifier"}  # no BNNeck
+  classifier = count(reid["params"]["classifier"])
+  assert classifier == 2048 * 10 + 10
+  # torchvision's resnet50: 25,557,032 parameters, of which its fc (2048 -> 1000) holds 2,049,000.
+  assert count(stem["params"]) + count(reid["params"]) - classifier == 25_557_032 - 2_049_000
+  assert jax.eval_shape(lambda v, x: models.reid.apply(v, x, train=False), reid, features).shape == (2, 2048)
+
+
+def test_plain_head_classifies_and_returns_the_pooled_feature():
+  model = ReIDNet(CLASSES, stages=STAGES, width=WIDTH, neck="none")
+  x = normal(10, (4, H // 4, W // 4, 4 * NGF))
+  v = fake_variables(lambda k, x: model.init(k, x, train=False), x, seed=2)
+  assert set(v["params"]) == {"layer2", "layer3", "layer4", "classifier"}
+  run = jax.jit(lambda v, x: (model.apply(v, x, train=False),
+                              model.apply(v, x, train=True, mutable=["batch_stats"])[0]))
+  feature, (logits, pooled) = run(v, x)
+  assert feature.shape == (4, 32 * WIDTH)
+  c = v["params"]["classifier"]
+  np.testing.assert_allclose(logits, pooled @ c["kernel"] + c["bias"], rtol=1e-5, atol=1e-5)
+  assert not any(jax.tree.leaves(frozen_params_mask(v["params"])))  # nothing frozen without a BNNeck
+  with pytest.raises(ValueError, match="neck='bn'.*'bnneck', 'none'"):
+    ReIDNet(CLASSES, stages=STAGES, width=WIDTH, neck="bn").init(jax.random.PRNGKey(0), x, train=False)
+
+
+def test_plain_resnet50_is_initialised_as_torchreid():
+  """torchreid's ResNet._init_params: convs kaiming-normal over fan_out, nn.Linear N(0, 0.01) with bias 0."""
+  config = default.get_config()
+  config.model.backbone = "resnet50_plain"
+  config.model.reid_stages, config.model.reid_width = (1, 1, 1), 16
+  reid = build_models(config, num_classes=500).reid
+  v = jax.jit(lambda k: reid.init(k, jnp.zeros((1, 8, 4, 64)), train=False))(jax.random.PRNGKey(0))
+  classifier = v["params"]["classifier"]
+  assert np.std(classifier["kernel"]) == pytest.approx(0.01, rel=0.05)
+  np.testing.assert_array_equal(classifier["bias"], 0.0)
+  kernel = v["params"]["layer4"]["block_0"]["conv3"]["kernel"]  # 1x1, 128 -> 512: fan_out 512
+  assert np.std(kernel) == pytest.approx(np.sqrt(2 / 512), rel=0.05)
+  config.model.backbone = "resnet50"  # R's own head: the original's weights_init_kaiming (fan_in)
+  v = jax.jit(lambda k: build_models(config, 500).reid.init(k, jnp.zeros((1, 8, 4, 64)), train=False))(
+      jax.random.PRNGKey(0))
+  assert np.std(v["params"]["layer4"]["block_0"]["conv3"]["kernel"]) == pytest.approx(np.sqrt(2 / 128),
+                                                                                      rel=0.05)
+
+
 def test_build_models_reads_the_config():
   config = ml_collections.ConfigDict({"model": dict(
       ngf=NGF, n_blocks=N_BLOCKS, ndf=NDF, projector_dim=DIM, reid_stages=STAGES, reid_width=WIDTH,

@@ -333,7 +333,7 @@ def scripted(losses):
   return make
 
 
-def tiny_state(config, rng, num_classes):
+def tiny_state(config, rng, num_classes, **kwargs):
   import jax.numpy as jnp
 
   from synth_reid_jax.train_state import TrainState

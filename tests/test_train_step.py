@@ -11,7 +11,7 @@ import pytest
 
 from configs import default
 from synth_reid_jax import losses, sharding, train_state, train_step
-from synth_reid_jax.models import build_models
+from synth_reid_jax.models import BASELINE_BACKBONES, build_models
 
 NUM_CLASSES = 3
 BATCH = 4
@@ -181,9 +181,10 @@ def test_modes_and_zero_weights():
   assert runs["disjoint"][1][0]["reid_ce"] == pytest.approx(runs["joint"][1][0]["reid_ce"], rel=1e-6)
 
 
-def test_resnet50_baseline_step():
+@pytest.mark.parametrize("backbone", BASELINE_BACKBONES)
+def test_resnet50_baseline_step(backbone):
   config = tiny_config(gan=0.0, dis=0.0, nce=0.0, sim=0.0, reid_triplet=0.3)
-  config.model.backbone = "resnet50"
+  config.model.backbone = backbone
   run = Run(config)
   state, (metrics,) = run()
   assert set(state.params) == set(state.opt_state) == set(state.batch_stats) == {"stem", "reid"}

@@ -260,7 +260,7 @@ def fake_step_factory(on_call):
   return make
 
 
-def fake_train_state(config, rng, num_classes):
+def fake_train_state(config, rng, num_classes, **kwargs):
   """A create_train_state stand-in: a tiny state, nothing to compile."""
   del config, rng
   state = TrainState(step=jnp.zeros((), jnp.int32), params={"reid": {"w": jnp.zeros((2, num_classes))}},

@@ -1,6 +1,7 @@
 """The re-ID network R: ResNet-50 stages 2-4 on the generator's encoder features, global pooling and BNNeck.
 
-Also the ResNet-50 stem (conv1 .. stage 1) for the direct-transfer baseline, which replaces the encoder.
+Also the ResNet-50 stem (conv1 .. stage 1) for the direct-transfer baselines, which replaces the encoder, and
+the head of torchreid's plain `resnet50` (no BNNeck; the pooled feature at test time).
 """
 
 from collections.abc import Sequence
@@ -17,12 +18,19 @@ from synth_reid_jax.models.layers import (
     conv,
     conv_init,
     dense,
+    dense_init,
     resnet_conv_init,
 )
 
 EXPANSION = 4  # Bottleneck output channels = planes * 4
-STAGE_STRIDE = 2  # every stage 2-4 halves H and W (no last-stride trick in the original)
+STAGE_STRIDE = 2  # every stage 2-4 halves H and W (the original's last_stride: 2, no last-stride trick)
 BNNECK = "bnneck"
+# ReIDNet.neck: the original's Id_Net has a BNNeck between the pooled feature and the classifier; torchreid's
+# plain resnet50 (the direct-transfer baseline) classifies the pooled feature and returns it at test time.
+NECKS = (BNNECK, "none")
+# torchreid's ResNet._init_params draws nn.Linear weights from N(0, 0.01), biases 0.
+TORCHREID_LINEAR_STD = 0.01
+torchreid_classifier_init = nn.initializers.normal(TORCHREID_LINEAR_STD)
 
 
 class Bottleneck(nn.Module):
@@ -66,15 +74,21 @@ class ResNetStage(nn.Module):
 
 
 class ReIDNet(nn.Module):
-  """R: encoder features (N,h,w,C) -> train: (logits, pooled feature before BNNeck); eval: BNNeck feature.
+  """R: encoder features (N,h,w,C) -> train: (logits, pooled feature); eval: the test feature (N, D).
 
-  Stages 2-4 have 2, 4, 8 x width planes (x4 output channels); outputs are float32.
+  Stages 2-4 have 2, 4, 8 x width planes (x4 output channels); outputs are float32. neck="bnneck" (the
+  original's Id_Net): the classifier reads the BNNeck output, which is also the test feature; neck="none"
+  (torchreid's resnet50): the classifier reads the pooled feature, which is the test feature. The triplet
+  loss reads the pooled feature either way. The initialisers default to the original's weights_init_kaiming.
   """
   num_classes: int
   stages: Sequence[int] = (4, 6, 3)
   width: int = 64
+  neck: str = BNNECK
   dtype: Dtype = jnp.float32
   conv_impl: str = "auto"
+  kernel_init: Initializer = conv_init
+  classifier_init: Initializer = dense_init
 
   @property
   def feature_dim(self) -> int:
@@ -82,20 +96,25 @@ class ReIDNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool):
+    if self.neck not in NECKS:
+      raise ValueError(f"ReIDNet.neck={self.neck!r}; use one of {NECKS}")
     x = x.astype(self.dtype)
     for i, num_blocks in enumerate(self.stages):
       x = ResNetStage(self.width * 2 ** (i + 1), num_blocks, STAGE_STRIDE, dtype=self.dtype,
-                      conv_impl=self.conv_impl, name=f"layer{i + 2}")(x, train)
+                      kernel_init=self.kernel_init, conv_impl=self.conv_impl, name=f"layer{i + 2}")(x, train)
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (N, feature_dim)
-    # BNNeck: the original freezes its shift (bias.requires_grad = False) but keeps the parameter.
-    bnneck = BatchNorm(scale_init=bnneck_scale_init, freeze_bias=True, dtype=jnp.float32, name=BNNECK)
-    neck = bnneck(pooled, train)
-    classifier = dense(self.num_classes, dtype=jnp.float32, name="classifier")
+    feature = pooled
+    if self.neck == BNNECK:
+      # The original freezes the BNNeck's shift (bias.requires_grad = False) but keeps the parameter.
+      bnneck = BatchNorm(scale_init=bnneck_scale_init, freeze_bias=True, dtype=jnp.float32, name=BNNECK)
+      feature = bnneck(pooled, train)
+    classifier = dense(self.num_classes, dtype=jnp.float32, kernel_init=self.classifier_init,
+                       name="classifier")
     if not train:
       if self.is_initializing():
-        classifier(neck)  # so that an eval-mode init creates every parameter
-      return neck
-    return classifier(neck), pooled
+        classifier(feature)  # so that an eval-mode init creates every parameter
+      return feature
+    return classifier(feature), pooled
 
 
 class ResNetStem(nn.Module):
@@ -121,7 +140,8 @@ class ResNetStem(nn.Module):
 
 
 def frozen_params_mask(params):
-  """Pytree of bools matching `params`, True for parameters that must never change (the BNNeck shift).
+  """Pytree of bools matching `params`, True for parameters that must never change (the BNNeck shift; none
+  without a BNNeck).
 
   Works on the re-ID params or any tree containing them, e.g. for
   `optax.chain(adam, optax.masked(optax.set_to_zero(), frozen_params_mask(params)))`.

@@ -8,16 +8,20 @@ step is N unless --step is given.
 
 torchvision's ResNet-50 (a local .pth state dict) -> an .npz for config.model.pretrained_reid:
   python -m synth_reid_jax.tools.import_torch --resnet50=<resnet50.pth> --output=<resnet50.npz>
-holds the baseline's stem (conv1, bn1, layer1) under "stem/..." and stages 2-4 under "reid/...".
+holds the baseline's stem (conv1, bn1, layer1) under "stem/..." and stages 2-4 under "reid/..."; with
+config.model.pretrained_reid pointing at it, train_state.create_train_state starts the baselines' stem and R's
+stages 2-4 (for the method too) from it (read_pretrained).
 
 Reading .pth files needs the optional [torch] extra; the conversion itself works on numpy arrays.
 """
 
 import argparse
 import collections
+import functools
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 
 import jax
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from synth_reid_jax.errors import ConfigError, UserError
 from synth_reid_jax.models import Discriminator, Generator, Projector, ReIDNet, ResNetStem
 
 # The original's checkpoint folders and the name of each network here.
@@ -310,14 +315,28 @@ def save_npz(path, tree):
   np.savez(path, **traverse_util.flatten_dict(tree, sep="/"))
 
 
+class WeightsFileMissingError(UserError, FileNotFoundError):
+  """A weights file (config.model.pretrained_reid) that does not exist."""
+
+
+class WeightsFileError(UserError, ValueError):
+  """A weights file that cannot be read as an .npz."""
+
+
 def load_npz(path) -> dict:
   """The nested dict written by save_npz (e.g. the ResNet-50 weights of config.model.pretrained_reid)."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No weights file {path}; create it with `python -m synth_reid_jax.tools."
-                            "import_torch --resnet50=<torchvision .pth> --output=<.npz>`")
-  with np.load(path) as data:
-    return traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
+    raise WeightsFileMissingError(
+        f"No weights file {path}; create it with `python -m synth_reid_jax.tools.import_torch "
+        "--resnet50=<torchvision resnet50 .pth> --output=<.npz>`, or set config.model.pretrained_reid='' "
+        "to start from random weights")
+  try:
+    with np.load(path) as data:
+      return traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise WeightsFileError(f"Cannot read {path} as an .npz of weights ({e}); write it with `python -m "
+                           "synth_reid_jax.tools.import_torch --resnet50=<pth> --output=<npz>`") from e
 
 
 def merge_pretrained(variables, pretrained, where="pretrained weights"):
@@ -334,12 +353,77 @@ def merge_pretrained(variables, pretrained, where="pretrained weights"):
   return traverse_util.unflatten_dict(flat)
 
 
-def apply_pretrained(variables, path):
-  """{network: variables} with the networks that an .npz from --resnet50 holds ("stem", "reid") loaded.
+def _from_imagenet(network, path) -> bool:
+  """Whether an --resnet50 .npz gives this variable ((collection, module, ...) of `network`): all of the
+  baseline's stem, and R's stages 2-4; R's BNNeck and classifier are not ImageNet's and keep their init."""
+  return network == "stem" or (network == "reid" and bool(re.fullmatch(r"layer\d", path[1])))
 
-  For config.model.pretrained_reid: the re-ID stages 2-4 (and the baseline's stem) start from ImageNet.
+
+def _resnet_sizes(tree):
+  """(width, blocks of stages 2-4) of {"reid": {"params": ...}} (a file or a model), None without stages."""
+  stages = tree.get("reid", {}).get("params", {})
+  first = stages.get("layer2", {}).get("block_0", {}).get("conv1", {}).get("kernel")
+  if first is None:
+    return None
+  return int(first.shape[-1]) // 2, tuple(len(stages.get(f"layer{i}", {})) for i in (2, 3, 4))
+
+
+def _joined(network, path):
+  return "/".join((network, *path))
+
+
+def _params_first(paths):
+  return sorted(paths, key=lambda p: (p[0] != "params", p))
+
+
+def read_pretrained(variables, path) -> dict:
+  """What an --resnet50 .npz at `path` gives `variables` ({network: {"params", "batch_stats"}}, arrays or
+  shapes): {network: {collection: tree}} of float32 numpy arrays, every ImageNet part present and shaped as
+  the model's (_from_imagenet). The file's stem is unused by the method, which has none.
+
+  Raises ConfigError naming the file, the first mismatching keys and the config that would fit it.
   """
-  pretrained = load_npz(path)
+  weights = load_npz(path)
+  missing, unexpected, shapes, values = [], [], [], {}
+  # Problems are listed stem first, parameters before statistics: the first one named is the telling one.
+  for network in sorted(variables, key=lambda n: n != "stem"):
+    want = {p: leaf for p, leaf in traverse_util.flatten_dict(variables[network]).items()
+            if _from_imagenet(network, p)}
+    if not want:
+      continue
+    have = traverse_util.flatten_dict(weights.get(network, {}))
+    name = functools.partial(_joined, network)
+    missing += [name(p) for p in _params_first(want.keys() - have.keys())]
+    unexpected += [name(p) for p in _params_first(have.keys() - want.keys())]
+    differ = [p for p in _params_first(want.keys() & have.keys()) if have[p].shape != tuple(want[p].shape)]
+    shapes += [f"{name(p)}: {have[p].shape} in the file, {tuple(want[p].shape)} in the model" for p in differ]
+    values[network] = traverse_util.unflatten_dict(
+        {p: np.asarray(have[p], np.float32) for p in want if p in have})
+  if missing or unexpected or shapes:
+    found = [f"missing in the file: {missing[:5]} ({len(missing)} in all)"] if missing else []
+    found += [f"not in the model: {unexpected[:5]} ({len(unexpected)} in all)"] if unexpected else []
+    found += [f"shapes differ: {shapes[:3]} ({len(shapes)} in all)"] if shapes else []
+    model, fits = _resnet_sizes(variables), _resnet_sizes(weights)
+    message = f"config.model.pretrained_reid={path} does not fit the configured model"
+    if model:
+      message += f" (width {model[0]}, stages 2-4 of {model[1]} blocks)"
+    message += ": " + "; ".join(found) + "."
+    if fits:
+      message += (f" The file holds a ResNet of width {fits[0]} with stages 2-4 of {fits[1]} blocks "
+                  f"(torchvision's ResNet-50: 64, (4, 6, 3)): set config.model.reid_width={fits[0]} and "
+                  f"config.model.reid_stages={fits[1]} (for the method also config.model.ngf={fits[0]}: R's "
+                  "stages read the encoder's 4 x ngf channels).")
+    raise ConfigError(message + " Make the file from torchvision's resnet50 .pth with `python -m "
+                      "synth_reid_jax.tools.import_torch --resnet50=<pth> --output=<npz>`, or set "
+                      "config.model.pretrained_reid='' to start from random weights.")
+  return values
+
+
+def apply_pretrained(variables, path):
+  """{network: variables} with what an .npz from --resnet50 gives them loaded (read_pretrained): the
+  baseline's stem and R's stages 2-4 start from ImageNet, the BNNeck and the classifier keep their values.
+  """
+  pretrained = read_pretrained(variables, path)
   return {name: merge_pretrained(v, pretrained[name], where=f"{path} ({name})") if name in pretrained else v
           for name, v in variables.items()}
 
