@@ -357,8 +357,9 @@ class Checkpointer:
   def restore_variables(self, variables, *, step=None, networks=None):
     """Restores {"params", "batch_stats"} of `networks` (default: all of `variables`) into their shardings.
 
-    Reads train and inference checkpoints alike. Networks not asked for are neither checked nor returned
-    (eval needs only the generator or stem and the re-ID network). -> (variables, metadata).
+    Reads train and inference checkpoints alike. Networks not asked for are not returned (eval needs only
+    the generator or stem and the re-ID network), yet every array read is checked: a checkpoint with any
+    damaged array is reported as damaged whichever network the damage lies in. -> (variables, metadata).
     """
     step = self.resolve_step(step)
     where = f"{self.directory}/{step}"
@@ -379,7 +380,7 @@ class Checkpointer:
         MODEL: ocp.args.StandardRestore(target), METADATA: ocp.args.JsonRestore()})))
     model = {col: {net: tree for net, tree in restored[MODEL][col].items() if net in networks}
              for col in restored[MODEL]}
-    verify({MODEL: model}, manifest, where, step)
+    verify({MODEL: restored[MODEL]}, manifest, where, step)
     return model, restored[METADATA]
 
   def wait_until_finished(self):
