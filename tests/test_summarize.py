@@ -97,6 +97,27 @@ def test_a_key_added_between_runs_does_not_split_a_group(workdirs):
   assert summarize.uncompared_keys(runs) == ["train.divergence_factor"]
 
 
+def test_variants_that_differ_in_many_keys_get_short_labels(tmp_path):
+  """Long key lists stay in the Variants section; the table shows the workdirs' stem, seeds sorted."""
+  runs = []
+  runs_made = (("full_s10", 10, 0.5, 8), ("full_s2", 2, 0.5, 8), ("plain-seed1", 1, 0.0, 16))
+  for name, seed, sim, width in runs_made:
+    workdir = make_workdir(str(tmp_path), name, seed, sim, 0.4, 0.5)
+    path = os.path.join(workdir, summarize.CONFIG_FILE)
+    config = json.load(open(path))
+    config["model"]["ngf"], config["data"]["pad_size"] = width, width
+    json.dump(config, open(path, "w"))
+    runs.append(summarize.load_run(workdir))
+  variants = summarize.group_runs(runs)
+  assert [(v.short, v.seeds) for v in variants] == [("full", [2, 10]), ("plain", [1])]
+  assert variants[0].name == "data.pad_size=8, loss.sim=0.5, model.ngf=8"
+  table = summarize.format_table(variants, [summarize.summarize(v)[0] for v in variants])
+  assert "  full = data.pad_size=8, loss.sim=0.5, model.ngf=8: seeds 2, 10" in table
+  assert f"\n  full    | {DATASET} | 2 |" in table
+  # Stems that do not tell the variants apart give numbered labels.
+  assert summarize.short_labels(["x" * 50, "y" * 50], [runs[:1], runs[1:2]]) == ["variant 1", "variant 2"]
+
+
 def test_one_variant_is_named_after_its_first_workdir(workdirs):
   variants = summarize.group_runs([summarize.load_run(w) for w in workdirs[:3]])
   assert [(v.name, v.seeds) for v in variants] == [("demo_s1", [1, 2, 3])]

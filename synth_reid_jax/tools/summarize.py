@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ NON_EXPERIMENT_KEYS = (
 )
 RANKS = (1, 5, 10, 20)  # the CMC ranks torchreid prints (and config.eval.ranks' default)
 PLOT_MAX_RANK = 20
+SHORT_LABEL = 40  # longer variant names are shown by a short label in the table (and in full above it)
 RESULT_KEYS = ("dataset", "step", "mAP", "cmc")  # an eval/<dataset>.json has at least these
 _MISSING = "<missing>"  # the value of a key one config has and another lacks
 
@@ -76,8 +78,13 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """Runs of one experiment that differ only in seed."""
-  name: str
+  name: str  # the config keys that set it apart, e.g. "loss.sim=0.0"
   runs: tuple[Run, ...]
+  label: str = ""  # a short name for tables and plots (default: name)
+
+  @property
+  def short(self):
+    return self.label or self.name
 
   @property
   def seeds(self):
@@ -176,15 +183,35 @@ def group_runs(runs: Sequence[Run]) -> list[Variant]:
   groups = {}
   for run in runs:
     groups.setdefault(experiment_key(run, keys), []).append(run)
-  groups = list(groups.values())
+  by_seed = lambda run: (not isinstance(run.seed, int), run.seed if isinstance(run.seed, int) else 0)
+  groups = [sorted(group, key=by_seed) for group in groups.values()]
   if len(groups) == 1:
     name = os.path.basename(os.path.normpath(groups[0][0].workdir))
     return [Variant(name=name, runs=tuple(groups[0]))]
   differing = [key for key in keys
                if len({json.dumps(group[0].config.get(key, _MISSING)) for group in groups}) > 1]
-  return [Variant(name=", ".join(f"{key}={_format_value(group[0].config.get(key, _MISSING))}"
-                                 for key in differing), runs=tuple(group))
-          for group in groups]
+  names = [", ".join(f"{key}={_format_value(group[0].config.get(key, _MISSING))}" for key in differing)
+           for group in groups]
+  labels = short_labels(names, groups)
+  return [Variant(name=name, runs=tuple(group), label=label)
+          for name, group, label in zip(names, groups, labels)]
+
+
+def _workdir_stem(runs: Sequence[Run]) -> str:
+  """What the workdirs of one variant share, less a trailing seed: demo_s0, demo_s10 -> "demo"."""
+  stem = os.path.commonprefix([os.path.basename(os.path.normpath(run.workdir)) for run in runs])
+  return re.sub(r"[-_.]*(seed|s)?\d*$", "", stem, flags=re.IGNORECASE)
+
+
+def short_labels(names: Sequence[str], groups: Sequence[Sequence[Run]]) -> list[str]:
+  """Table labels: the differing keys when short; else the workdirs' shared stem when the stems tell the
+  variants apart; else "variant 1", "variant 2", ... (the Variants section gives each label's keys)."""
+  if all(len(name) <= SHORT_LABEL for name in names):
+    return list(names)
+  stems = [_workdir_stem(group) for group in groups]
+  if all(stems) and len(set(stems)) == len(stems):
+    return stems
+  return [f"variant {i}" for i in range(1, len(names) + 1)]
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -240,13 +267,14 @@ def format_table(variants: Sequence[Variant], summaries: Sequence[dict]) -> str:
   """The runs of each variant, then one row per (variant, dataset): n, step, mAP and ranks, in percent."""
   lines = ["** Variants **"]
   for variant in variants:
-    lines.append(f"  {variant.name}: seeds {', '.join(str(seed) for seed in variant.seeds)}")
+    keys = "" if variant.short == variant.name else f" = {variant.name}"
+    lines.append(f"  {variant.short}{keys}: seeds {', '.join(str(seed) for seed in variant.seeds)}")
     lines.extend(f"    {run.workdir}" for run in variant.runs)
   header = ["variant", "dataset", "n", "step", "mAP"] + [f"Rank-{rank}" for rank in RANKS]
   rows = []
   for variant, datasets in zip(variants, summaries):
     for dataset, entry in datasets.items():
-      rows.append([variant.name, dataset, str(entry["mAP"]["n"]), _steps_cell(entry["steps"]),
+      rows.append([variant.short, dataset, str(entry["mAP"]["n"]), _steps_cell(entry["steps"]),
                    _cell(entry["mAP"])] + [_cell(entry.get(f"rank{rank}")) for rank in RANKS])
   widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
   format_row = lambda row: "  " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -260,8 +288,8 @@ def format_table(variants: Sequence[Variant], summaries: Sequence[dict]) -> str:
 def to_json(variants: Sequence[Variant], summaries: Sequence[dict], warnings: Sequence[str]) -> dict:
   """The --json object: percent units, the variants with their runs, seeds and per-dataset statistics."""
   return {"units": "percent",
-          "variants": [{"name": v.name, "runs": [run.workdir for run in v.runs], "seeds": v.seeds,
-                        "datasets": datasets} for v, datasets in zip(variants, summaries)],
+          "variants": [{"name": v.name, "label": v.short, "runs": [run.workdir for run in v.runs],
+                        "seeds": v.seeds, "datasets": datasets} for v, datasets in zip(variants, summaries)],
           "warnings": list(warnings)}
 
 
@@ -300,7 +328,7 @@ def plot_cmc(variants: Sequence[Variant], path: str, max_rank: int = PLOT_MAX_RA
       ranks = list(range(1, len(curve["mean"]) + 1))
       low = [m - s for m, s in zip(curve["mean"], curve["std"])]
       high = [m + s for m, s in zip(curve["mean"], curve["std"])]
-      label = f"{dataset}" if len(variants) == 1 else f"{variant.name} | {dataset}"
+      label = f"{dataset}" if len(variants) == 1 else f"{variant.short} | {dataset}"
       (line,) = axes.plot(ranks, curve["mean"], marker="o", markersize=3, label=f"{label} (n={curve['n']})")
       axes.fill_between(ranks, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
   axes.xaxis.set_major_locator(MaxNLocator(integer=True))
