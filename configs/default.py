@@ -134,6 +134,9 @@ def get_config():
   train.sample_every_steps = 1000  # PNG grid of source | translated | target
   train.num_samples = 8  # images per grid
   train.on_nonfinite = "stop"  # "stop" (keep the last good checkpoint) or "skip" the step
+  # Form of the in-step check that skips such a step: "auto" (models/forms.py: "cond" on CPU, "select" on
+  # GPU/TPU), "select" or "cond"; the same numbers either way.
+  train.nonfinite_guard = "auto"
   # Warn (once, and mark the metrics rows "diverging") when a logged loss exceeds this many times its first
   # logged value: a run can diverge with finite losses.
   train.divergence_factor = 100.0

@@ -12,6 +12,7 @@ from synth_reid_jax import evaluation, input_pipeline, losses, train_step, trans
 from synth_reid_jax.errors import ConfigError
 from synth_reid_jax.models import BACKBONES, BASELINE_BACKBONES, CONV_IMPLS
 from synth_reid_jax.models.discriminator import NUM_LAYERS as DISCRIMINATOR_LAYERS
+from synth_reid_jax.models.forms import NONFINITE_GUARDS
 from synth_reid_jax.models.generator import FIRST_BLOCK_LAYER
 from synth_reid_jax.models.layers import COMPUTE_DTYPES
 
@@ -28,6 +29,7 @@ CHOICES = {
     "model.conv_impl": CONV_IMPLS,
     "loss.sim_type": losses.FEATURE_MATCHING_KINDS,
     "train.on_nonfinite": train_step.NONFINITE_ACTIONS,
+    "train.nonfinite_guard": NONFINITE_GUARDS,
     "eval.metric": evaluation.DISTANCE_METRICS,
     "data.sampler": input_pipeline.SAMPLERS,
 }

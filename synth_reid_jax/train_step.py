@@ -14,10 +14,11 @@ Steps 2 and 3 both read D with its parameters from before the step (the original
 same G(s) and r, so one forward pass of D over G(s), r and s serves both: G's backward pass takes the input
 gradient on G(s) from it, D's the parameter gradient - the same numbers as two separate passes, 2% fewer
 FLOPs. Loss weights of 0 drop their terms (and the networks only they need) when tracing; the runtime
-switches are selects inside the compiled step: the epoch from which the re-ID loss is on
-(loss.reid_start_epoch), and the non-finite guard - a step whose losses or gradients hold a NaN or an
-infinity changes nothing but the step counter and reports metrics["nonfinite"] = 1, so the state never
-holds non-finite values (the trainer decides at its next fetch whether to stop, config.train.on_nonfinite).
+switches live inside the compiled step: the epoch from which the re-ID loss is on (loss.reid_start_epoch,
+a select), and the non-finite guard - a step whose losses or gradients hold a NaN or an infinity changes
+nothing but the step counter and reports metrics["nonfinite"] = 1, so the state never holds non-finite
+values (the trainer decides at its next fetch whether to stop, config.train.on_nonfinite; the guard's form,
+a select per array or one lax.cond, is config.train.nonfinite_guard).
 """
 
 import functools
@@ -31,6 +32,7 @@ import optax
 from synth_reid_jax import compile_options, losses, optim
 from synth_reid_jax.models import BASELINE_BACKBONES, Models, sample_patch_ids
 from synth_reid_jax.models.discriminator import NUM_LAYERS as _DISCRIMINATOR_LAYERS
+from synth_reid_jax.models.forms import nonfinite_guard
 from synth_reid_jax.sharding import batch_sharding, check_batch_size, replicated_sharding
 from synth_reid_jax.train_state import OPTIMIZER_CONFIG, TrainState
 
@@ -70,20 +72,38 @@ def all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def apply_updates(state: TrainState, optimizers, lrs, grads, new_stats, loss_terms, reid_gate):
+def _updated(state: TrainState, optimizers, lrs, grads, new_stats, keep, keep_reid):
+  """(params, opt_state, batch_stats) after every network with a gradient takes its Adam step and BatchNorm
+  statistics their new values; each network's values are kept where its flag (`keep_reid` for R and the
+  stem, else `keep`; None: always update) is false."""
+  params, opt_state = dict(state.params), dict(state.opt_state)
+  for name, grad in grads.items():
+    updated = _update(optimizers[name], params[name], grad, opt_state[name], lrs[name])
+    flag = keep_reid if name in ("reid", "stem") else keep
+    params[name], opt_state[name] = _gated(flag, updated, (params[name], opt_state[name]))
+  batch_stats = {name: _gated(keep_reid, new_stats[name], old) if name in new_stats else old
+                 for name, old in state.batch_stats.items()}
+  return params, opt_state, batch_stats
+
+
+def apply_updates(state: TrainState, optimizers, lrs, grads, new_stats, loss_terms, reid_gate,
+                  guard: str = "select"):
   """The step's end: every network with a gradient takes its Adam step, BatchNorm statistics their new
   values, unless a loss or a gradient is non-finite; then nothing changes but the step counter (as optax's
   apply_if_finite, for all networks at once) and the flag returned is 1. R also keeps its state before
-  loss.reid_start_epoch (the original neither runs nor updates it then). -> (new state, nonfinite flag)."""
+  loss.reid_start_epoch (the original neither runs nor updates it then). `guard` is the form of the check
+  (forms.nonfinite_guard): "select" chooses every array elementwise, "cond" branches once; the same state
+  either way. -> (new state, nonfinite flag)."""
   finite = all_finite(loss_terms, grads)
-  reid_on = finite if reid_gate is None else finite & (reid_gate > 0)
-  params, opt_state = dict(state.params), dict(state.opt_state)
-  for name, grad in grads.items():
-    keep = reid_on if name in ("reid", "stem") else finite
-    updated = _update(optimizers[name], params[name], grad, opt_state[name], lrs[name])
-    params[name], opt_state[name] = _gated(keep, updated, (params[name], opt_state[name]))
-  batch_stats = {name: _gated(reid_on, new_stats[name], old) if name in new_stats else old
-                 for name, old in state.batch_stats.items()}
+  reid_on = None if reid_gate is None else reid_gate > 0
+  args = (state, optimizers, lrs, grads, new_stats)
+  if guard == "cond":
+    params, opt_state, batch_stats = jax.lax.cond(
+        finite, lambda: _updated(*args, keep=None, keep_reid=reid_on),
+        lambda: (state.params, state.opt_state, state.batch_stats))
+  else:
+    keep_reid = finite if reid_on is None else finite & reid_on
+    params, opt_state, batch_stats = _updated(*args, keep=finite, keep_reid=keep_reid)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return new_state, 1.0 - finite.astype(jnp.float32)
 
@@ -118,6 +138,7 @@ def _reid_gate(config, step, steps_per_epoch):
 def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoch):
   """The Synth-ReID step (G, D, F, R) as a pure function (state, batch, rng) -> (state, metrics)."""
   w = config.loss
+  guard = nonfinite_guard(config.train.get("nonfinite_guard", "auto"))
   nce_layers = tuple(w.nce_layers)
   dis_layers = tuple(w.dis_layers)
   encoder_output = models.generator.num_encoder_layers - 1  # layer 12: the re-ID network's input
@@ -299,7 +320,7 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
 
     # --- Every network's update (D's from its parameters before the step, as the original's order gives).
     new_state, metrics[NONFINITE_METRIC] = apply_updates(
-        state, optimizers, lrs, grads, new_stats, {k: metrics[k] for k in LOSS_METRICS}, reid_gate)
+        state, optimizers, lrs, grads, new_stats, {k: metrics[k] for k in LOSS_METRICS}, reid_gate, guard)
     metrics.update({learning_rate_metric(name): lr for name, lr in lrs.items()})
     return new_state, metrics
 
@@ -309,6 +330,7 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
 def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_epoch):
   """Direct transfer: ResNet-50 (stem + R) trained with the re-ID losses on the source images only."""
   w = config.loss
+  guard = nonfinite_guard(config.train.get("nonfinite_guard", "auto"))
   if not (w.reid_ce > 0 or w.reid_triplet > 0):
     raise ValueError("The ResNet-50 baselines train with the re-ID losses only; set config.loss.reid_ce "
                      "and/or config.loss.reid_triplet > 0.")
@@ -329,7 +351,7 @@ def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_ep
     metrics = {name: jnp.zeros((), jnp.float32) for name in LOSS_METRICS}
     metrics.update(reid_ce=gate * ce, reid_triplet=gate * triplet, reid_acc=gate * acc, lr_reid=lrs["reid"])
     new_state, metrics[NONFINITE_METRIC] = apply_updates(
-        state, optimizers, lrs, grads, new_stats, {k: metrics[k] for k in LOSS_METRICS}, reid_gate)
+        state, optimizers, lrs, grads, new_stats, {k: metrics[k] for k in LOSS_METRICS}, reid_gate, guard)
     return new_state, metrics
 
   return train_step

@@ -242,10 +242,13 @@ def test_shared_discriminator_pass_gives_each_update_its_own_gradient():
                                              - metrics["gen_sim"], rel=1e-5)
 
 
-def test_nonfinite_step_changes_nothing_but_the_step_counter():
+@pytest.mark.parametrize("guard", ["select", "cond"])
+def test_nonfinite_step_changes_nothing_but_the_step_counter(guard):
   """A NaN in the input makes every loss and gradient non-finite: the guard inside the step keeps params,
   optimiser states and BatchNorm statistics, counts the step and reports it; the next good step updates."""
-  run = Run(tiny_config())
+  config = tiny_config()
+  config.train.nonfinite_guard = guard
+  run = Run(config)
   state = sharding.replicate(run.init, run.mesh)
   bad = fake_batch()
   bad["source"][0, 0, 0, 0] = np.nan
@@ -260,3 +263,29 @@ def test_nonfinite_step_changes_nothing_but_the_step_counter():
   state, metrics = run.step(sharding.replicate(state, run.mesh), good, jax.random.key(0))
   assert jax.device_get(metrics)[train_step.NONFINITE_METRIC] == 0.0
   assert int(state.step) == 2 and _changed(run.init.params, jax.device_get(state.params))
+
+
+def test_both_guard_forms_give_the_same_state():
+  """The select and cond forms of the non-finite guard (forms.nonfinite_guard): the same params, optimiser
+  states and BatchNorm statistics after good steps, with R held back by loss.reid_start_epoch and then not."""
+  config = tiny_config()
+  config.loss.reid_start_epoch = 2  # steps_per_epoch 2: R frozen for steps 0-1, trained from step 2
+  states = {}
+  for guard in ("select", "cond"):
+    config.train.nonfinite_guard = guard
+    run = Run(config, steps_per_epoch=2)
+    states[guard], history = run(num_steps=3)
+    assert [m[train_step.NONFINITE_METRIC] for m in history] == [0.0, 0.0, 0.0]
+  for a, b in zip(jax.tree.leaves(states["select"]), jax.tree.leaves(states["cond"])):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-6)
+  assert _changed(run.init.params["reid"], states["cond"].params["reid"])
+
+
+def test_auto_guard_per_backend():
+  from synth_reid_jax.models import forms
+
+  assert forms.nonfinite_guard("auto", "cpu") == "cond"
+  assert forms.nonfinite_guard("auto", "gpu") == forms.nonfinite_guard("auto", "tpu") == "select"
+  assert forms.nonfinite_guard("select", "cpu") == "select"
+  with pytest.raises(ValueError, match="nonfinite_guard='where'"):
+    forms.nonfinite_guard("where")

@@ -1,4 +1,5 @@
-"""Which form each convolution kind takes on each backend: the one place the model code looks at the backend.
+"""Which form each convolution kind, and the train step's non-finite guard, take on each backend: the one
+place the model and step code look at the backend.
 
 Every layer kind below has two forms that compute the same function (tests/test_forms.py checks outputs,
 gradients and a whole train step against each other in float32):
@@ -55,3 +56,22 @@ def conv_forms(conv_impl: str = "auto", backend: str | None = None) -> ConvForms
   if conv_impl == "cpu":
     return CPU
   return AUTO.get(backend or jax.default_backend(), XLA)
+
+
+# The train step's non-finite guard (train_step.apply_updates), config.train.nonfinite_guard:
+# - "select": every updated array chosen elementwise between its new and old value (jnp.where) - the form the
+#   GPU numbers in the README were measured with;
+# - "cond": the whole update inside one lax.cond on the finiteness flag. On XLA:CPU the selects quadruple the
+#   full-size step's compile time (71 s vs 21 s) and cost 5% of its step time (README, Performance).
+# Both leave the same state (tests/test_train_step.py); "auto" takes NONFINITE_GUARD_AUTO[backend].
+NONFINITE_GUARDS = ("auto", "select", "cond")
+NONFINITE_GUARD_AUTO = {"cpu": "cond"}  # other backends: "select" until "cond" is measured faster there
+
+
+def nonfinite_guard(impl: str = "auto", backend: str | None = None) -> str:
+  """"select" or "cond" for config.train.nonfinite_guard=`impl` on `backend` (default: JAX's default)."""
+  if impl not in NONFINITE_GUARDS:
+    raise ValueError(f"config.train.nonfinite_guard={impl!r}; use one of {NONFINITE_GUARDS}")
+  if impl != "auto":
+    return impl
+  return NONFINITE_GUARD_AUTO.get(backend or jax.default_backend(), "select")
