@@ -8,7 +8,8 @@ python benchmarks/loop_overhead.py [--config=configs/demo.py --steps=120 --data_
    metrics.jsonl rows after the first (the first holds the warm-up), each row's images/s covering the steps
    since the previous row; evaluation, samples and checkpoints happen outside those intervals.
 2. The bare step: the same compiled step function, state and batches (the first `--steps` batches of the same
-   stream, placed on the devices beforehand), called in a tight loop and waited for once at the end.
+   stream, placed on the devices beforehand), called in a tight loop and waited for once at the end; timed
+   before and after the real loop(s), the mean of the two taken (a shared machine's speed drifts).
 3. The real loop again with the input pipeline replaced by batches already on the devices (`--cached`, on by
    default): what the loop itself costs, apart from building batches. On a machine whose cores also run the
    step (a CPU backend), building batches takes cycles from the step; on a GPU host it should not.
@@ -109,8 +110,9 @@ def cached_batches(batches):
     trainer.next_batch = original
 
 
-def bare_rate(config, source, batches):
-  """Steps/s of the compiled step in a tight loop over batches already on the devices."""
+def bare_timer(config, source, batches):
+  """A function -> steps/s of the compiled step in a tight loop over batches already on the devices
+  (compiled here, once; each call continues from the state the previous one left)."""
   mesh = sharding.create_mesh()
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state, optimizers = trainer.create_replicated_state(config, init_rng, source.num_classes, mesh)
@@ -118,27 +120,39 @@ def bare_rate(config, source, batches):
                                        source.steps_per_epoch, mesh)
   state, metrics = step_fn(state, batches[0], train_rng)  # compiles
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for batch in batches[1:]:
-    state, metrics = step_fn(state, batch, train_rng)
-  jax.block_until_ready((state, metrics))
-  return (len(batches) - 1) / (time.perf_counter() - start)
+  holder = [state]
+
+  def rate():
+    state = holder[0]
+    start = time.perf_counter()
+    for batch in batches[1:]:
+      state, metrics = step_fn(state, batch, train_rng)
+    jax.block_until_ready((state, metrics))
+    holder[0] = state
+    return (len(batches) - 1) / (time.perf_counter() - start)
+
+  return rate
 
 
 def main(argv):
   del argv
   config = build_config()
+  source, batches = device_batches(config, FLAGS.steps)
+  bare_rate = bare_timer(config, source, batches)
+  # The bare step is timed before and after the real loops, and the ratios use the mean: a shared machine's
+  # speed drifts over the minutes a run takes (bare_steps_per_s_before/_after show by how much).
+  bare_before = bare_rate()
   with tempfile.TemporaryDirectory() as scratch:
     workdir = FLAGS.workdir or os.path.join(scratch, "run")
     tracing = jax.profiler.trace(FLAGS.trace_dir) if FLAGS.trace_dir else contextlib.nullcontext()
     with tracing:
       loop, counted, wall = loop_rate(config, workdir)
-  source, batches = device_batches(config, FLAGS.steps)
-  bare = bare_rate(config, source, batches)
   cached = None
   if FLAGS.cached:
     with tempfile.TemporaryDirectory() as scratch, cached_batches(batches):
       cached = loop_rate(config, os.path.join(scratch, "run"))[0]
+  bare_after = bare_rate()
+  bare = (bare_before + bare_after) / 2
   results = {
       "config": config_flags.get_config_filename(FLAGS["config"]),
       "backend": jax.default_backend(),
@@ -152,6 +166,8 @@ def main(argv):
       "loop_wall_seconds": wall,
       "loop_steps_per_s": loop,
       "bare_steps_per_s": bare,
+      "bare_steps_per_s_before": bare_before,
+      "bare_steps_per_s_after": bare_after,
       "ratio": loop / bare,
       "loop_cached_steps_per_s": cached,
       "ratio_cached": cached / bare if cached else None,
@@ -161,7 +177,7 @@ def main(argv):
         f"{config.data.width}, {results['devices']} {results['backend']} device(s), "
         f"load {results['load_average']:.2f}")
   print(f"  real loop   {loop:8.2f} steps/s ({counted} steps after the first log row)")
-  print(f"  bare step   {bare:8.2f} steps/s")
+  print(f"  bare step   {bare:8.2f} steps/s (mean of {bare_before:.2f} before and {bare_after:.2f} after)")
   print(f"  ratio       {loop / bare:8.3f}")
   if cached:
     print(f"  real loop on cached batches {cached:8.2f} steps/s, ratio {cached / bare:.3f}")
