@@ -62,3 +62,17 @@ def test_evaluation_benchmark_agrees_with_the_reference_loop():
   assert r["max_cmc_diff"] == 0.0 and r["mAP_diff"] < 1e-6  # the same numbers as the reference loop
   assert 0.0 < r["mAP"] <= 1.0 and r["speedup"] > 0
   assert r["extract_images_per_s"] > 0 and r["extract_images_per_s_flip"] > 0
+
+
+@pytest.mark.slow
+def test_loop_overhead_benchmark_compares_the_real_loop_with_the_bare_step(tmp_path):
+  r = run_json("loop_overhead.py", f"--config={REPO}/configs/demo.py:tiny", "--steps=6",
+               f"--data_dir={tmp_path / 'tfds'}")
+  assert r["backend"] == "cpu" and r["steps"] == 6 and r["loop_steps_counted"] == 4  # rows after the first
+  for key in ("loop_steps_per_s", "bare_steps_per_s_before", "bare_steps_per_s_after",
+              "loop_cached_steps_per_s"):
+    assert isinstance(r[key], float) and r[key] > 0, key
+  before, after = r["bare_steps_per_s_before"], r["bare_steps_per_s_after"]
+  assert r["bare_steps_per_s"] == pytest.approx((before + after) / 2)
+  assert r["ratio"] == pytest.approx(r["loop_steps_per_s"] / r["bare_steps_per_s"])
+  assert r["ratio_cached"] == pytest.approx(r["loop_cached_steps_per_s"] / r["bare_steps_per_s"])
