@@ -151,6 +151,19 @@ def write_broken_image(path: str) -> None:
     f.write(data[: len(data) // 2])
 
 
+def flip_bytes(folder: str, count: int = 400) -> str:
+  """Inverts `count` bytes in the middle of the largest file under `folder` (a damaged checkpoint item);
+  -> that file."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  start = max(0, len(data) // 2 - count // 2)
+  for i in range(start, min(len(data), start + count)):
+    data[i] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+  return path
+
+
 def write_tree(dataset_dir: str, files: dict, extras: bool = True) -> None:
   """Split folders with the given image names, plus the clutter real releases carry."""
   for folder, names in files.items():

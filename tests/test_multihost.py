@@ -10,6 +10,10 @@ import time
 import portpicker
 import pytest
 
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fakes  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds per run; the runs take well under a minute each
 # The train step compiled without XLA's backend optimisations: the numbers stay, the compile gets faster.
@@ -117,6 +121,32 @@ def test_two_processes_train_like_one(fake_manual_dir, fake_data_dir, tmp_path, 
   for name in ("source_iterator", "target_iterator"):
     files = os.listdir(multi / "checkpoints" / "4" / name)
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(files), files
+
+
+def test_both_processes_set_a_damaged_checkpoint_aside_and_resume_from_the_previous(
+    fake_manual_dir, fake_data_dir, tmp_path, compile_cache):
+  """Flipped bytes in the newest checkpoint of a two-process run: every process finds the damage, process 0
+  renames it <step>.damaged, all resume from the one before and repeat the lost steps' numbers."""
+  prepare_data(fake_manual_dir, fake_data_dir)
+  workdir, logs = tmp_path / "run", tmp_path / "logs"
+  logs.mkdir()
+  env = environment(2, compile_cache)
+  pairs = lambda: [(c, env) for c in two_process_commands(workdir, fake_manual_dir, fake_data_dir)]
+  for rc, log in run_processes(pairs(), logs, "first"):
+    assert rc == 0, log[-3000:]
+  first = {row["step"]: row for row in read_rows(workdir)}
+  checkpoints = workdir / "checkpoints"
+  fakes.flip_bytes(checkpoints / "4" / "model")
+  results = run_processes(pairs(), logs, "again")
+  for i, (rc, log) in enumerate(results):
+    assert rc == 0, f"process {i} failed:\n{log[-3000:]}"
+  assert "Renamed it to" in results[0][1] and "Resumed from" in results[0][1]
+  assert sorted(os.listdir(checkpoints)) == ["2", "4", "4.damaged"]
+  again = {row["step"]: row for row in read_rows(workdir)}
+  assert sorted(again) == [1, 2, 3, 4]
+  for step in (3, 4):
+    for key in COMPARED:
+      assert again[step][key] == pytest.approx(first[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(fake_manual_dir, fake_data_dir, tmp_path,

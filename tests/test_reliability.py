@@ -146,18 +146,6 @@ def test_unreadable_images_are_named_skipped_and_listed(trained, data_dirs, tmp_
 # --- Checkpoints that check themselves --------------------------------------------------------------
 
 
-def flip_bytes(item_dir, count=400):
-  """Inverts `count` bytes in the middle of the largest file under item_dir; -> that file."""
-  files = [os.path.join(root, name) for root, _, names in os.walk(item_dir) for name in names]
-  path = max(files, key=os.path.getsize)
-  data = bytearray(open(path, "rb").read())
-  start = max(0, len(data) // 2 - count // 2)
-  for i in range(start, min(len(data), start + count)):
-    data[i] ^= 0xFF
-  open(path, "wb").write(bytes(data))
-  return path
-
-
 def rows(workdir):
   return {row["step"]: row for row in metric_writer.read_metrics(str(workdir))}
 
@@ -168,7 +156,7 @@ def test_a_flipped_checkpoint_is_set_aside_and_training_resumes_from_the_previou
   workdir = tmp_path / "run"
   shutil.copytree(trained, workdir)
   checkpoints = workdir / checkpointing.CHECKPOINT_DIR
-  flip_bytes(checkpoints / "4" / checkpointing.MODEL)
+  fakes.flip_bytes(checkpoints / "4" / checkpointing.MODEL)
   config = tiny_config(data_dirs)
   with pytest.raises(errors.CheckpointDamagedError, match=r"Checkpoint .*/4 (is damaged|cannot be read).*"
                                                           r"newest intact checkpoint before it is step 2"):
