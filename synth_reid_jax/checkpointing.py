@@ -173,6 +173,13 @@ def _reason(error):
   return re.sub(r"\s+", " ", first)[:200]
 
 
+def no_checkpoint_error(directory):
+  """The error for a checkpoint folder without checkpoints, with the ways to get one."""
+  return CheckpointMissingError(
+      f"No checkpoint in {directory}. Train first (--mode=train with this --workdir), convert one with "
+      "`python -m synth_reid_jax.tools.import_torch`, or point --workdir at a trained run.")
+
+
 def _state_fields(state):
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
@@ -211,9 +218,7 @@ class Checkpointer:
     """`step`, or the latest when None; raises naming the directory (and the steps there) when missing."""
     steps = self.steps()
     if not steps:
-      raise CheckpointMissingError(
-          f"No checkpoint in {self.directory}. Train first (--mode=train with this --workdir), convert one "
-          "with `python -m synth_reid_jax.tools.import_torch`, or point --workdir at a trained run.")
+      raise no_checkpoint_error(self.directory)
     if step is None:
       return max(steps)
     if step not in steps:

@@ -22,7 +22,6 @@ from synth_reid_jax import (
 from synth_reid_jax.datasets import parsing
 from synth_reid_jax.errors import (
   CheckpointDamagedError,
-  CheckpointMissingError,
   ConfigError,
   InputFilesError,
   MissingInputError,
@@ -58,9 +57,7 @@ def restore_for_inference(config, workdir, step=None, mesh=None):
   mesh = sharding.create_mesh() if mesh is None else mesh
   directory = checkpointing.checkpoint_dir(workdir)
   if not os.path.isdir(directory) or not os.listdir(directory):
-    raise CheckpointMissingError(  # before the Checkpointer, which would create the folder
-        f"No checkpoint in {directory}. Train first (--mode=train with this --workdir), convert one with "
-        "`python -m synth_reid_jax.tools.import_torch`, or point --workdir at a trained run.")
+    raise checkpointing.no_checkpoint_error(directory)  # before the Checkpointer, which would create it
   checkpointer = checkpointing.Checkpointer(workdir, iterator_names=())
   try:
     step = checkpointer.resolve_step(step)

@@ -72,16 +72,16 @@ def all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def _updated(state: TrainState, optimizers, lrs, grads, new_stats, keep, keep_reid):
+def _updated(state: TrainState, optimizers, lrs, grads, new_stats, take_new, take_new_reid):
   """(params, opt_state, batch_stats) after every network with a gradient takes its Adam step and BatchNorm
-  statistics their new values; each network's values are kept where its flag (`keep_reid` for R and the
-  stem, else `keep`; None: always update) is false."""
+  statistics their new values, each network only where its flag (`take_new_reid` for R and the stem, else
+  `take_new`; None: always) holds, its old values otherwise."""
   params, opt_state = dict(state.params), dict(state.opt_state)
   for name, grad in grads.items():
     updated = _update(optimizers[name], params[name], grad, opt_state[name], lrs[name])
-    flag = keep_reid if name in ("reid", "stem") else keep
+    flag = take_new_reid if name in ("reid", "stem") else take_new
     params[name], opt_state[name] = _gated(flag, updated, (params[name], opt_state[name]))
-  batch_stats = {name: _gated(keep_reid, new_stats[name], old) if name in new_stats else old
+  batch_stats = {name: _gated(take_new_reid, new_stats[name], old) if name in new_stats else old
                  for name, old in state.batch_stats.items()}
   return params, opt_state, batch_stats
 
@@ -99,11 +99,11 @@ def apply_updates(state: TrainState, optimizers, lrs, grads, new_stats, loss_ter
   args = (state, optimizers, lrs, grads, new_stats)
   if guard == "cond":
     params, opt_state, batch_stats = jax.lax.cond(
-        finite, lambda: _updated(*args, keep=None, keep_reid=reid_on),
+        finite, lambda: _updated(*args, take_new=None, take_new_reid=reid_on),
         lambda: (state.params, state.opt_state, state.batch_stats))
   else:
-    keep_reid = finite if reid_on is None else finite & reid_on
-    params, opt_state, batch_stats = _updated(*args, keep=finite, keep_reid=keep_reid)
+    reid_finite = finite if reid_on is None else finite & reid_on
+    params, opt_state, batch_stats = _updated(*args, take_new=finite, take_new_reid=reid_finite)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
   return new_state, 1.0 - finite.astype(jnp.float32)
 
@@ -135,10 +135,9 @@ def _reid_gate(config, step, steps_per_epoch):
   return (epoch + 1 >= config.loss.reid_start_epoch).astype(jnp.float32)
 
 
-def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoch):
+def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoch, guard):
   """The Synth-ReID step (G, D, F, R) as a pure function (state, batch, rng) -> (state, metrics)."""
   w = config.loss
-  guard = nonfinite_guard(config.train.get("nonfinite_guard", "auto"))
   nce_layers = tuple(w.nce_layers)
   dis_layers = tuple(w.dis_layers)
   encoder_output = models.generator.num_encoder_layers - 1  # layer 12: the re-ID network's input
@@ -327,10 +326,9 @@ def _make_method_step(config, models: Models, optimizers, lr_fns, steps_per_epoc
   return train_step
 
 
-def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_epoch):
+def _make_baseline_step(config, models: Models, optimizers, lr_fns, steps_per_epoch, guard):
   """Direct transfer: ResNet-50 (stem + R) trained with the re-ID losses on the source images only."""
   w = config.loss
-  guard = nonfinite_guard(config.train.get("nonfinite_guard", "auto"))
   if not (w.reid_ce > 0 or w.reid_triplet > 0):
     raise ValueError("The ResNet-50 baselines train with the re-ID losses only; set config.loss.reid_ce "
                      "and/or config.loss.reid_triplet > 0.")
@@ -374,7 +372,8 @@ def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_pe
   lr_fns = {name: optim.create_learning_rate_fn(config.optim[OPTIMIZER_CONFIG[name]], steps_per_epoch)
             for name in optimizers}
   make = _make_baseline_step if config.model.backbone in BASELINE_BACKBONES else _make_method_step
-  step = make(config, models, optimizers, lr_fns, steps_per_epoch)
+  guard = nonfinite_guard(config.train.get("nonfinite_guard", "auto"))
+  step = make(config, models, optimizers, lr_fns, steps_per_epoch, guard)
   replicated = replicated_sharding(mesh)
   return jax.jit(step, in_shardings=(replicated, batch_sharding(mesh), replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0,
