@@ -11,7 +11,8 @@ point (yaml key: value -> ours):
   start from it, the classifier from N(0, 0.01). Left empty (the default here) the network starts from random
   weights, which is not the thesis' baseline.
 - data.sources: ['gta_synthreid'], combineall: False -> the GTA train split alone; default n_samples: 50 ->
-  at most 50 images per identity; data.val: False.
+  at most 50 images per identity; data.val: False. With data.val (the original's hard-coded n_val_pids=50
+  of GTA's train split) data.val_ids is 50 here: without a target, validation holds out source identities.
 - data.targets: ['cuhk03'] -> "cuhk03/detected" (torchreid's default: detected boxes, new protocol); the
   thesis reports the baseline on Market, listed first (it ranks the best checkpoint).
 - height 256, width 128; default norm_mean / norm_std: ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224,
@@ -38,6 +39,7 @@ def direct_transfer(config):
   config.data.combineall = False
   config.data.combineall_query = False
   config.data.n_samples = 50
+  config.data.val_ids = 50  # source identities held out with data.val (GTA_synthReid's n_val_pids)
   config.data.mean = IMAGENET_MEAN
   config.data.std = IMAGENET_STD
   config.data.transforms = ("random_flip", "pad", "random_crop")

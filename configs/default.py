@@ -1,6 +1,11 @@
 """Every knob of synth-reid-jax, documented. Experiments start from `get_config()` and change a few values.
 
-Values are the thesis setting (GTA -> real, `*_11_bottle.yaml` of the original code) unless noted.
+Values are the thesis setting (GTA -> real, `*_11_bottle.yaml` of the original code) unless noted. What each
+key may hold (types, ranges, constraints between keys) is `RULES` / `CROSS_RULES` in
+synth_reid_jax/config_checks.py, checked before a run reads, writes or compiles anything; a key added here
+needs a rule there (tests/test_configs.py). A resumed run may change only the keys of
+`config_checks.RESUMABLE_KEYS` (how long it trains, logging, evaluation, checkpointing, data locations and
+loading speed); any other change is refused, as it would change what the checkpoints mean.
 """
 
 import ml_collections
@@ -51,11 +56,21 @@ def get_config():
   data.prefetch = 2
   data.sampler = "random"  # "random" or "pk" (P identities x K images, for the triplet loss)
   data.num_instances = 4  # K of the PK sampler
-  # Validation as the original's `val` mode: val_ids identities of the source's train split (after n_samples),
-  # drawn with config.seed, are held out of training; their images are the validation gallery and the first
-  # image (record order) of each of their cameras the validation query (evaluated as "<source>-val").
+  # Validation on held-out identities, evaluated as "<dataset>-val" (eval/<dataset>-val.json) at every
+  # evaluation and ranking the kept "best" checkpoint. With a target (the method) it is the original's
+  # adversarial `adv_val`: val_ids identities of the TARGET's train split, drawn with config.seed, leave the
+  # target stream; the source stays whole. The original hard-codes 200 for Market and Duke and has no split
+  # for CUHK03 or MSMT17 (its val mode fails there); we hold them out the same way for every target. Without a
+  # target (the baselines, configs/baseline.py: 50) they are source identities (after n_samples), left out of
+  # the source classes, as its plain `val`. The held-out images are the validation gallery; one image per
+  # (identity, camera), drawn with config.seed, is also the validation query (the original takes the first
+  # in its list order).
   data.val = False
-  data.val_ids = 50
+  data.val_ids = 200
+  # MSMT17 only: add list_val.txt's images (more images of the train identities; the release's full training
+  # set of 32,621 images) to its train split wherever it trains. False: as torchreid, only a source with
+  # combineall gets them; the target trains on list_train.txt's 30,248 images.
+  data.msmt17_list_val = False
   # The target stream starts a fresh pass (a new permutation) at each source epoch, and again when it runs out
   # within one, as the original's loader; False: one continuous stream of target epochs.
   data.target_restarts = True

@@ -1,4 +1,8 @@
-"""GTA -> MSMT17 (V1, train = list_train + list_val, unlabelled): not a thesis setting, the same recipe."""
+"""GTA -> MSMT17 (V1): not a thesis setting, the same recipe.
+
+The target trains on list_train.txt, unlabelled, as torchreid's train split;
+`--config.data.msmt17_list_val=True` adds list_val.txt's images (the release's full training set).
+"""
 
 from configs import default, tiny
 

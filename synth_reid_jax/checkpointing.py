@@ -12,6 +12,7 @@ metadata/; eval, translate and extract restore just those two items, so they rea
 """
 
 import dataclasses
+import logging
 import os
 import re
 import zlib
@@ -38,6 +39,18 @@ ITERATOR_NAMES = ("source", "target")  # the trainer's data streams
 VARIABLE_COLLECTIONS = ("params", "batch_stats")
 BEST_METRIC = "mAP"
 MAX_LISTED_MISMATCHES = 10
+
+
+class _OrbaxTracebacks(logging.Filter):
+  """Leaves out the tracebacks Orbax logs when a save or restore fails (a full disk, a damaged file): the
+  Checkpointer raises every such error again as one line saying what to do (CheckpointError)."""
+
+  def filter(self, record):
+    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+    return not (from_orbax and record.exc_info and record.levelno >= logging.ERROR)
+
+
+logging.getLogger("absl").addFilter(_OrbaxTracebacks())  # Orbax logs through absl's logger
 
 
 def checkpoint_dir(workdir):

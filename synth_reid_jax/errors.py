@@ -46,6 +46,11 @@ class MissingInputError(UserError, FileNotFoundError):
   """translate / extract: an --input_dir that does not exist or holds no images."""
 
 
+class StorageError(UserError, OSError):
+  """A workdir or output folder that is a file, cannot be written (permissions, a read-only mount) or is
+  full."""
+
+
 class CheckpointDamagedError(CheckpointError):
   """A checkpoint whose files cannot be read or whose arrays do not match the checksums saved with them."""
 

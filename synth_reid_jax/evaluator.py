@@ -57,8 +57,10 @@ class Evaluator:
     return self._streams[dataset_name]
 
   def selection_dataset(self):
-    """Where the "best" checkpoint is chosen: the validation split with config.data.val, else the first
-    evaluation dataset (a test set, as the original without validation)."""
+    """Where the kept "best" checkpoint is ranked (by mAP): the validation split with config.data.val (the
+    target's held-out identities, or the source's without a target), else the first evaluation dataset, a
+    test set. The original keeps no best checkpoint (its engine saves every one with is_best=False): the
+    ranking is ours."""
     if self.config.data.get("val"):
       return input_pipeline.val_name(self.config)
     return self.config.data.eval_datasets[0] if self.config.data.eval_datasets else None
@@ -74,9 +76,9 @@ class Evaluator:
     return {"dataset": dataset_name, **results}, q, g
 
   def run(self, variables, step, visrank=False, validation=False):
-    """Evaluates every dataset at `step` (first the validation split when `validation` and config.data.val);
-    -> {dataset: results}. With `visrank` (and eval.visrank_topk > 0) also saves the ranked-results
-    pictures of the test sets."""
+    """Evaluates every dataset at `step` (first the validation split, eval/<target or source>-val.json, when
+    `validation` and config.data.val) -> {dataset: results}. With `visrank` (and eval.visrank_topk > 0) also
+    saves the ranked-results pictures of the test sets."""
     all_results = {}
     names = list(self.config.data.eval_datasets)
     if validation and self.config.data.get("val"):
@@ -111,15 +113,15 @@ class Evaluator:
     """torchreid's ranked results: one PNG per query with its top-k gallery images (green = same identity)."""
     from synth_reid_jax import visualize
     config = self.config
-    qf, gf = q["features"], g["features"]
-    if config.eval.normalize:
-      qf, gf = evaluation.normalize_features(qf), evaluation.normalize_features(gf)
-    distmat = evaluation.distance_matrix(qf, gf, config.eval.metric)
+    # The top k of every query from distance blocks, as compute_metrics: no query x gallery matrix.
+    ranked, _ = evaluation.top_k(q["features"], g["features"], config.eval.visrank_topk,
+                                 metric=config.eval.metric, normalize=config.eval.normalize, q_pids=q["pid"],
+                                 g_pids=g["pid"], q_camids=q["camid"], g_camids=g["camid"])
     images = {split: _ImageColumn(input_pipeline.load_split(config, dataset_name, split)) for split in SPLITS}
     names = [os.path.splitext(name)[0] for name in self.streams(dataset_name)["query"].labels.filenames]
-    visualize.visrank(distmat, q["pid"], g["pid"], q["camid"], g["camid"], images["query"], images["gallery"],
+    visualize.visrank(None, q["pid"], g["pid"], q["camid"], g["camid"], images["query"], images["gallery"],
                       save_dir, topk=config.eval.visrank_topk, height=config.data.height,
-                      width=config.data.width, names=names)
+                      width=config.data.width, names=names, ranked=ranked)
 
 
 def evaluate(config, workdir, step=None):

@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from synth_reid_jax import compile_options, sharding
+from synth_reid_jax.models import forms
 
 
 def _sub(variables, name):
@@ -41,10 +42,10 @@ def embed(models, variables, images, flip):
 def make_feature_fn(models, config, mesh):
   """jit((variables, images) -> features), variables replicated, the batch split over the mesh's devices."""
   flip = bool(config.eval.flip)
-  return jax.jit(lambda variables, images: embed(models, variables, images, flip),
-                 in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
+  extract = forms.traced_for(lambda variables, images: embed(models, variables, images, flip), mesh)
+  return jax.jit(extract, in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh),
-                 compiler_options=compile_options.compiler_options())
+                 compiler_options=compile_options.compiler_options(target=mesh))
 
 
 def to_host(x):
@@ -54,21 +55,52 @@ def to_host(x):
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+class _Rows:
+  """Rows written at their dataset index into arrays allocated once (for `num_rows` rows when the stream
+  says how many it has, else grown by doubling); -> the rows in dataset order, those never written dropped."""
+
+  def __init__(self, num_rows=None):
+    self.num_rows, self.arrays, self.written = num_rows, None, None
+
+  def write(self, index, values: dict):
+    if self.arrays is None:
+      size = self.num_rows or max(1024, 2 * int(index.max(initial=0)) + 2)
+      self.arrays = {k: np.empty((size, *v.shape[1:]), v.dtype) for k, v in values.items()}
+      self.written = np.zeros(size, bool)
+    needed = int(index.max(initial=-1)) + 1
+    if needed > self.written.size:
+      size = max(needed, 2 * self.written.size)
+      self.arrays = {k: np.resize(v, (size, *v.shape[1:])) for k, v in self.arrays.items()}
+      self.written = np.concatenate([self.written, np.zeros(size - self.written.size, bool)])
+    for k, v in values.items():
+      self.arrays[k][index] = v
+    self.written[index] = True
+
+  def result(self) -> dict:
+    kept = np.flatnonzero(self.written)
+    if kept.size == self.written.size:  # every row: the arrays themselves, no copy
+      return {**self.arrays, "index": kept}
+    return {**{k: v[kept] for k, v in self.arrays.items()}, "index": kept}
+
+
 def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")):
   """Runs `feature_fn` over an eval pipeline's batches; -> {"features": (N,D), "index", **keys} in dataset
   order ("index": each row's position in the dataset).
 
-  Batches carry "image", "mask" (False on the padding of the last batch), "index" (position in the dataset)
-  and the `keys`; padded rows are dropped and rows are put back in dataset order by "index".
+  Batches carry "image", "mask" (False on the padding of the last batch and on skipped images), "index"
+  (position in the dataset) and the `keys`. Each batch's rows are written at their index into arrays
+  allocated once for the stream's `num_images` (a large split is never held twice), padded rows dropped.
   """
-  outputs = {"features": [], "mask": [], "index": []} | {k: [] for k in keys}
+  rows = _Rows(getattr(batches, "num_images", None))
   pending = None  # the previous batch's features, still computing while the next batch loads
 
   def collect(result):
     features, batch = result
-    outputs["features"].append(to_host(features))
-    for key in ("mask", "index", *keys):
-      outputs[key].append(to_host(np.asarray(batch[key])))
+    features = to_host(features)
+    mask, index = (to_host(np.asarray(batch[key])) for key in ("mask", "index"))
+    keep = mask.astype(bool)
+    values = {"features": features[keep]} | {k: to_host(np.asarray(batch[k]))[keep] for k in keys}
+    rows.write(index[keep].astype(np.int64), values)
 
   for batch in batches:
     images = sharding.make_global_batch(np.asarray(batch["image"], np.float32), mesh)
@@ -78,9 +110,6 @@ def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")
     pending = current
   if pending is not None:
     collect(pending)
-  if not outputs["features"]:
+  if rows.arrays is None:
     raise ValueError("compute_features got no batches: the evaluation split is empty.")
-  stacked = {k: np.concatenate(v) for k, v in outputs.items()}
-  keep = stacked.pop("mask").astype(bool)
-  order = np.argsort(stacked["index"][keep], kind="stable")
-  return {k: v[keep][order] for k, v in stacked.items()}
+  return rows.result()

@@ -16,22 +16,25 @@ from synth_reid_jax import (
   features,
   input_pipeline,
   sharding,
+  storage,
   train_state,
   transforms,
 )
 from synth_reid_jax.datasets import parsing
+from synth_reid_jax.datasets.images import to_rgb
 from synth_reid_jax.errors import (
   CheckpointDamagedError,
   ConfigError,
   InputFilesError,
   MissingInputError,
 )
-from synth_reid_jax.models import build_models
+from synth_reid_jax.models import build_models, forms
 from synth_reid_jax.transforms import to_uint8
 
 # Encoded images translate/extract read from --input_dir (case-insensitive suffixes).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-JPEG_QUALITY = 95  # translate: non-PNG outputs
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+JPEG_QUALITY = 95  # translate: JPEG and WebP outputs
+LOSSY_FORMATS = ("JPEG", "WEBP")
 # extract's pids / camids: the file-name patterns of the released datasets (GTA first: a Market-style pattern
 # never matches its names, but this order states which rule wins).
 FILENAME_LAYOUTS = (parsing.GTA_SYNTHREID, parsing.MARKET1501)
@@ -122,7 +125,7 @@ def why_unreadable(path):
   """The reason an image file does not decode (for the report at the end)."""
   try:
     with Image.open(path) as image:
-      image.convert("RGB").load()
+      to_rgb(image).load()
   except Exception as e:  # noqa: BLE001 - whatever PIL or the OS says is the reason
     return str(e).splitlines()[0] if str(e) else type(e).__name__
   return "decodes now (it changed while running)"
@@ -163,14 +166,16 @@ def _inside(path, folder):
 
 
 def check_translate_output(input_dir, output_dir, paths, overwrite=False):
-  """Refuses, before any work, an output folder that is or lies inside the input folder, or one that already
-  holds output files (unless `overwrite`)."""
+  """Refuses, before any work, an output folder that is or lies inside the input folder, that cannot be
+  written (a file in its way, a read-only or full disk), or that already holds output files (unless
+  `overwrite`)."""
   if _inside(output_dir, input_dir):
     where = "is" if os.path.realpath(output_dir) == os.path.realpath(input_dir) else "lies inside"
     raise InputFilesError(f"--output_dir {output_dir} {where} --input_dir {input_dir}: translate would write "
                           "over or next to its own input. Use an --output_dir outside the input folder.")
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise InputFilesError(f"--output_dir {output_dir} is a file; give a folder (it is created if missing).")
+  storage.check_folder(output_dir, "--output_dir")
   existing = [p for p in paths if os.path.lexists(os.path.join(output_dir, p))]
   if existing and not overwrite:
     raise InputFilesError(
@@ -181,7 +186,8 @@ def check_translate_output(input_dir, output_dir, paths, overwrite=False):
 
 def extract_output_path(output, input_dir, overwrite=False):
   """The .npz extract writes (".npz" added as numpy does), checked before any work: not inside the input
-  folder, not an existing file (unless `overwrite`), in a folder that exists or can be made, writable."""
+  folder, not an existing file (unless `overwrite`), in a folder that exists or can be made and can be
+  written (not read-only, not full)."""
   output = os.path.abspath(os.path.expanduser(output))
   if not output.endswith(".npz"):
     output += ".npz"
@@ -197,8 +203,7 @@ def extract_output_path(output, input_dir, overwrite=False):
     ancestor = os.path.dirname(ancestor)
   if not os.path.isdir(ancestor):
     raise InputFilesError(f"--output {output}: {ancestor} is a file, so the folder {parent} cannot be made.")
-  if not os.access(ancestor, os.W_OK):
-    raise InputFilesError(f"--output {output}: {ancestor} is not writable.")
+  storage.check_folder(parent, f"--output {output}: the folder")
   return output
 
 
@@ -220,6 +225,21 @@ def _check_strict(strict, input_dir, paths, unreadable):
                           "unreadable image; without it such images are skipped and listed at the end).")
 
 
+def _write_image(image, path):
+  """Saves a uint8 image (format from the suffix; a .png losslessly) through a temporary file renamed into
+  place, so a failed write (a full disk) leaves neither a partial image nor a lost older one."""
+  image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+  options = {"quality": JPEG_QUALITY} if image_format in LOSSY_FORMATS else {}
+  temporary = f"{path}.tmp{os.getpid()}"
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(image).save(temporary, format=image_format, **options)
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
 def translate(config, workdir, input_dir, output_dir, step=None, overwrite=False, strict=False):
   """Writes G(x) for every image under input_dir to output_dir (same relative names, at the config's size).
 
@@ -233,7 +253,8 @@ def translate(config, workdir, input_dir, output_dir, step=None, overwrite=False
   check_translate_output(input_dir, output_dir, paths, overwrite)
   models, variables, step = restore_for_inference(config, workdir, step, mesh)
   stream = _folder_stream(config, input_dir, paths)
-  generate = jax.jit(lambda params, x: models.generator.apply({"params": params["generator"]}, x),
+  translate_fn = lambda params, x: models.generator.apply({"params": params["generator"]}, x)
+  generate = jax.jit(forms.traced_for(translate_fn, mesh),
                      in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
                      out_shardings=sharding.batch_sharding(mesh))
   is_main = jax.process_index() == 0
@@ -248,15 +269,32 @@ def translate(config, workdir, input_dir, output_dir, step=None, overwrite=False
     if is_main:
       for image, keep, i in zip(out, mask, index):
         if keep:
-          path = os.path.join(output_dir, paths[i])
-          os.makedirs(os.path.dirname(path), exist_ok=True)
-          options = {} if path.lower().endswith(".png") else {"quality": JPEG_QUALITY}
-          Image.fromarray(image).save(path, **options)
+          try:
+            _write_image(image, os.path.join(output_dir, paths[i]))
+          except OSError as e:
+            if not storage.is_storage_error(e, output_dir):
+              raise
+            then = (f"{written} of {len(paths)} images were written before it and are kept; free space and "
+                    "rerun with --overwrite.")
+            raise storage.storage_error(e, output_dir, then) from e
           written += 1
     _check_strict(strict, input_dir, paths, bad)
   if is_main:
     print(f"Translated {written} images with the step-{step} generator into {output_dir}.", flush=True)
   _report_skipped(input_dir, paths, sorted(skipped), "translate")
+
+
+def _write_npz(path, arrays):
+  """np.savez through a temporary file renamed into place (as _write_image)."""
+  temporary = f"{path}.tmp{os.getpid()}"
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(temporary, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
 
 
 def extract(config, workdir, input_dir, output, step=None, overwrite=False, strict=False):
@@ -277,9 +315,11 @@ def extract(config, workdir, input_dir, output, step=None, overwrite=False, stri
   out = features.compute_features(feature_fn, variables, stream, mesh)
   kept = [int(i) for i in out["index"]]
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    np.savez(output, features=out["features"].astype(np.float32), paths=np.asarray([paths[i] for i in kept]),
-             pids=out["pid"].astype(np.int64), camids=out["camid"].astype(np.int64))
+    arrays = {"features": out["features"].astype(np.float32), "paths": np.asarray([paths[i] for i in kept]),
+              "pids": out["pid"].astype(np.int64), "camids": out["camid"].astype(np.int64)}
+    with storage.storage_errors(os.path.dirname(output), "No features were written (an older --output is "
+                                "unchanged); free space and rerun."):
+      _write_npz(output, arrays)
     num, dim = out["features"].shape
     print(f"Wrote {num} x {dim} features (step {step}) to {output}.", flush=True)
   _report_skipped(input_dir, paths, sorted(set(range(len(paths))) - set(kept)), f"not in {output}")

@@ -23,16 +23,22 @@ import numpy as np
 from absl import flags
 
 from synth_reid_jax import transforms as transforms_lib
+from synth_reid_jax.errors import ConfigError
 
 SPLITS = ("train", "query", "gallery")
 SAMPLERS = ("random", "pk")
 # Identities torchreid ignores when it merges a dataset's test splits into training (`_junk_pids`); pid -1
 # junk images never reach the records.
 DISTRACTOR_PIDS = {"market1501": (0,)}
+# Splits that hold more images of a dataset's train identities: MSMT17's list_val.txt. torchreid adds it to
+# the train split only with combineall (its note: not comparable with published results otherwise); so does
+# the source here, and config.data.msmt17_list_val adds it wherever the dataset trains (source or target).
+EXTRA_TRAIN_SPLITS = {"msmt17": ("val",)}
+TRAIN_SPLITS = ("train", "val")  # splits whose identities are the train split's
 # An "infinite" stream (as grain's repeat(None)); positions stay far below the uint64 limit of grain's rngs.
 _STREAM_LENGTH = sys.maxsize
 # Salts that keep the random draws of different purposes independent for one config.seed.
-_SUBSAMPLE_SALT, _ORDER_SALT, _AUGMENT_SALT, _VAL_SALT = 1, 2, 3, 4
+_SUBSAMPLE_SALT, _ORDER_SALT, _AUGMENT_SALT, _VAL_SALT, _VAL_QUERY_SALT = 1, 2, 3, 4, 5
 _SOURCE_STREAM, _TARGET_STREAM = 0, 1
 # Records read per call while collecting a split's labels.
 _LABEL_READ_CHUNK = 1024
@@ -44,15 +50,15 @@ _LABEL_READ_CHUNK = 1024
 def load_split(config, name: str, split: str):
   """The random-access records of one split of a TFDS dataset (built on first use), images as encoded bytes.
 
-  The bytes are decoded here with PIL, as torchreid reads images (TFDS would prefer OpenCV when installed).
+  The bytes are decoded here with PIL, as torchreid reads images (TFDS would prefer OpenCV when installed). A
+  record that cannot be read (a damaged dataset folder) raises a DatasetError naming the folder and the fix,
+  also when read in a worker process.
   """
-  import tensorflow_datasets as tfds  # the TFDS builders are only needed when reading real datasets
+  from synth_reid_jax.datasets import builders  # the TFDS builders are only needed when reading real datasets
 
-  from synth_reid_jax import datasets
-
-  builder = datasets.get_builder(name, os.path.expanduser(config.data.data_dir),
+  builder = builders.get_builder(name, os.path.expanduser(config.data.data_dir),
                                  os.path.expanduser(config.data.manual_dir))
-  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  return builders.open_split(builder, split)
 
 
 def _as_str(value) -> str:
@@ -110,15 +116,24 @@ class Examples:
     return len(self.labels)
 
 
-def source_splits(combineall: bool, include_query: bool = False) -> tuple[str, ...]:
+def source_splits(combineall: bool, include_query: bool = False,
+                  extra_train: Sequence[str] = ()) -> tuple[str, ...]:
   """Splits that form the source training set.
 
   synth-reid's combineall merges the train and gallery folders only (its `combine_all` leaves the query out);
-  `include_query` gives torchreid's train + query + gallery.
+  `include_query` gives torchreid's train + query + gallery. `extra_train` (EXTRA_TRAIN_SPLITS) follows train.
   """
+  train = ("train", *extra_train)
   if not combineall:
-    return ("train",)
-  return SPLITS if include_query else ("train", "gallery")
+    return train
+  return train + (("query", "gallery") if include_query else ("gallery",))
+
+
+def extra_train_splits(config, name: str, combineall: bool) -> tuple[str, ...]:
+  """The EXTRA_TRAIN_SPLITS of dataset `name` that join its train split: with combineall (torchreid) or
+  config.data.msmt17_list_val."""
+  joined = combineall or config.data.get("msmt17_list_val", False)
+  return tuple(EXTRA_TRAIN_SPLITS.get(name, ())) if joined else ()
 
 
 def subsample_per_identity(pids: np.ndarray, n_samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -136,28 +151,31 @@ def subsample_per_identity(pids: np.ndarray, n_samples: int, rng: np.random.Gene
   return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
 
 
-def draw_val_pids(pids: np.ndarray, val_ids: int, seed: int,
-                  distractor_pids: Sequence[int] = ()) -> np.ndarray:
+def draw_val_pids(pids: np.ndarray, val_ids: int, seed: int, distractor_pids: Sequence[int] = (),
+                  dataset: str = "the dataset") -> np.ndarray:
   """The sorted identities held out for validation: `val_ids` of the train split's pids, drawn with `seed`."""
   candidates = np.setdiff1d(np.unique(pids), distractor_pids)
   if not 0 < val_ids < len(candidates):
-    raise ValueError(f"config.data.val_ids={val_ids} must be in [1, {len(candidates)}) for a train split of "
-                     f"{len(candidates)} identities (some must stay for training); lower it or set "
-                     "config.data.val=False.")
+    fix = (f"lower it (at most {len(candidates) - 1}) or set config.data.val=False" if len(candidates) > 1
+           else "set config.data.val=False")
+    raise ConfigError(f"config.data.val_ids={val_ids}: the train split of {dataset} has {len(candidates)} "
+                      f"identities and at least one must stay for training; {fix}.")
   rng = np.random.default_rng([seed, _VAL_SALT])
   return np.sort(rng.choice(candidates, val_ids, replace=False))
 
 
 def build_examples(labels: Mapping[str, SplitLabels], splits: Sequence[str], n_samples: int, seed: int,
-                   distractor_pids: Sequence[int] = (), val_ids: int = 0) -> Examples:
+                   distractor_pids: Sequence[int] = (), val_ids: int = 0,
+                   dataset: str = "the dataset") -> Examples:
   """Merge splits into one relabelled training set, as torchreid's combine_all with synth-reid's n_samples.
 
   Each split keeps at most n_samples images per pid (the original subsamples each folder separately). With
   `val_ids` > 0, that many identities of the subsampled train split are held out (the original's
-  `_train_val_split`; `splits` must start with "train"). The train identities become labels 0..T-1 in pid
-  order; the test identities (query and gallery share them, distractors dropped) follow as T.., even where a
-  pid number also occurs in train. The train split is drawn first, so its subsample and held-out identities
-  do not depend on the splits that follow.
+  `_train_val_split`; `splits` must start with "train"); their images in the other TRAIN_SPLITS do not train
+  either. The train identities (TRAIN_SPLITS) become labels 0..T-1 in pid order; the test identities (query
+  and gallery share them, distractors dropped) follow as T.., even where a pid number also occurs in train.
+  The train split is drawn first, so its subsample and held-out identities do not depend on the splits that
+  follow.
   """
   rng = np.random.default_rng([seed, _SUBSAMPLE_SALT])
   if val_ids and (not splits or splits[0] != "train"):
@@ -172,12 +190,14 @@ def build_examples(labels: Mapping[str, SplitLabels], splits: Sequence[str], n_s
       kept = kept[~np.isin(pids, distractor_pids)]
     kept = kept[subsample_per_identity(pids[kept], n_samples, rng)]
     if split == "train" and val_ids:
-      val_pids = draw_val_pids(pids[kept], val_ids, seed, distractor_pids)
+      val_pids = draw_val_pids(pids[kept], val_ids, seed, distractor_pids, dataset)
       held_out = np.isin(pids[kept], val_pids)
       val_record_index, kept = kept[held_out].astype(np.int64), kept[~held_out]
+    elif split in TRAIN_SPLITS and len(val_pids):
+      kept = kept[~np.isin(pids[kept], val_pids)]
     split_index.append(np.full(len(kept), i, np.int32))
     record_index.append(kept)
-    group = 0 if split == "train" else 1
+    group = 0 if split in TRAIN_SPLITS else 1
     keys.append(np.stack([np.full(len(kept), group), pids[kept]], axis=1))
   keys = np.concatenate(keys)
   _, label = np.unique(keys, axis=0, return_inverse=True)  # lexicographic (group, pid): train first
@@ -511,11 +531,31 @@ class TrainStream:
   global_batch_size: int
 
 
+def val_dataset(config) -> str:
+  """The dataset config.data.val holds identities out of: the target when the config has one (the original's
+  adversarial `adv_val`), else the source (its plain `val`, e.g. the baseline)."""
+  return config.data.target or config.data.source
+
+
+def _held_out_ids(config, name: str) -> int:
+  data = config.data
+  return data.val_ids if data.val and val_dataset(config) == name else 0
+
+
 def _source_examples(config, labels: Mapping[str, SplitLabels], splits: Sequence[str]) -> Examples:
-  """The source's training set, and in validation mode its held-out identities (one draw for both uses)."""
+  """The source's training set, and when the source validates its held-out identities (one draw for both
+  uses)."""
   data = config.data
   return build_examples(labels, splits, data.n_samples, _seed_for(config, _SOURCE_STREAM),
-                        DISTRACTOR_PIDS.get(data.source, ()), data.val_ids if data.val else 0)
+                        DISTRACTOR_PIDS.get(data.source, ()), _held_out_ids(config, data.source), data.source)
+
+
+def _target_examples(config, labels: Mapping[str, SplitLabels], splits: Sequence[str]) -> Examples:
+  """The target's training images (all of them, n_samples does not apply), and with config.data.val its
+  held-out identities, drawn as the source's would be."""
+  target = config.data.target
+  return build_examples(labels, splits, 0, _seed_for(config, _TARGET_STREAM), DISTRACTOR_PIDS.get(target, ()),
+                        _held_out_ids(config, target), target)
 
 
 def _train_stream(config, name: str, splits: Sequence[str], make_examples, with_labels: bool,
@@ -530,17 +570,20 @@ def _train_stream(config, name: str, splits: Sequence[str], make_examples, with_
   examples = make_examples({split: read_labels(records[split]) for split in splits})
   steps_per_epoch = len(examples) // global_batch
   if steps_per_epoch == 0:
-    raise ValueError(f"Dataset {name!r} ({'+'.join(splits)}) has {len(examples)} training images, fewer "
-                     f"than one global batch of {global_batch}; lower config.train.batch_size.")
+    raise ConfigError(f"config.train.batch_size={global_batch}: dataset {name!r} ({'+'.join(splits)}) has "
+                      f"{len(examples)} training images, fewer than one global batch; lower "
+                      "config.train.batch_size.")
   sampler = data.sampler if with_labels else "random"
   if sampler == "pk":
     k = data.num_instances
     if k <= 0 or global_batch % k:
-      raise ValueError(f"The PK sampler needs config.train.batch_size ({global_batch}) to be a multiple of "
-                       f"config.data.num_instances ({k}).")
+      raise ConfigError(f"The PK sampler needs config.train.batch_size ({global_batch}) to be a multiple of "
+                        f"config.data.num_instances ({k}).")
     if examples.num_classes < global_batch // k:
-      raise ValueError(f"The PK sampler needs at least {global_batch // k} identities per batch, but "
-                       f"{name!r} has {examples.num_classes}; lower config.train.batch_size.")
+      raise ConfigError(f"config.train.batch_size={global_batch} with config.data.sampler='pk': the PK "
+                        f"sampler needs {global_batch // k} identities per batch "
+                        f"(config.data.num_instances={k}) but {name!r} has {examples.num_classes}; lower "
+                        "config.train.batch_size or config.data.num_instances.")
   if restart_every is not None and restart_every <= 0:
     raise ValueError(f"source_steps_per_epoch must be positive, got {restart_every}.")
   orders = EpochOrders(examples.labels, steps_per_epoch * global_batch, _seed_for(config, stream_salt),
@@ -560,13 +603,14 @@ def create_source_pipeline(config, process_index: int | None = None, process_cou
                            data_sources: Mapping[str, Sequence[Mapping]] | None = None) -> TrainStream:
   """Labelled source batches {"image", "pid"}: config.data.source, combineall, n_samples, sampler.
 
-  With config.data.val, the held-out validation identities (`create_val_pipelines`) are left out and the rest
-  relabelled, so num_classes counts only the trained identities. `data_sources` (split -> records) replaces
-  reading the TFDS dataset, e.g. for in-memory data.
+  With config.data.val and no target, the held-out validation identities (`create_val_pipelines`) are left
+  out and the rest relabelled, so num_classes counts only the trained identities; with a target the source
+  stays whole. `data_sources` (split -> records) replaces reading the TFDS dataset, e.g. for in-memory data.
   """
   data = config.data
   # combineall_query (torchreid's merge of the query split too) is optional: synth-reid leaves the query out.
-  splits = source_splits(data.combineall, data.get("combineall_query", False))
+  splits = source_splits(data.combineall, data.get("combineall_query", False),
+                         extra_train_splits(config, data.source, data.combineall))
   return _train_stream(config, data.source, splits, lambda labels: _source_examples(config, labels, splits),
                        True, _SOURCE_STREAM, process_index, process_count, data_sources)
 
@@ -576,18 +620,17 @@ def create_target_pipeline(config, process_index: int | None = None, process_cou
                            source_steps_per_epoch: int | None = None) -> TrainStream:
   """Unlabelled target batches {"image"} from the train split of config.data.target (every image).
 
-  With config.data.target_restarts and `source_steps_per_epoch` (the source stream's steps_per_epoch), the
-  batch of train step k comes from a fresh pass at every source epoch and whenever a pass runs out within one
-  (`target_pass`), as the original's loader; otherwise one continuous stream of target epochs.
+  With config.data.val, the images of the held-out validation identities (`create_val_pipelines`) are left
+  out, as the original's adversarial val. With config.data.target_restarts and `source_steps_per_epoch` (the
+  source stream's steps_per_epoch), the batch of train step k comes from a fresh pass at every source epoch
+  and whenever a pass runs out within one (`target_pass`), as the original's loader; otherwise one continuous
+  stream of target epochs. The target never merges its test splits (the original's combineall=False here).
   """
   restart_every = source_steps_per_epoch if config.data.target_restarts else None
-  seed = _seed_for(config, _TARGET_STREAM)
-
-  def every_image(labels):
-    return build_examples(labels, ("train",), 0, seed)
-
-  return _train_stream(config, config.data.target, ("train",), every_image, False, _TARGET_STREAM,
-                       process_index, process_count, data_sources, restart_every)
+  target = config.data.target
+  splits = ("train", *extra_train_splits(config, target, combineall=False))
+  return _train_stream(config, target, splits, lambda labels: _target_examples(config, labels, splits), False,
+                       _TARGET_STREAM, process_index, process_count, data_sources, restart_every)
 
 
 @dataclasses.dataclass
@@ -655,16 +698,20 @@ class _RecordSubset(Sequence):
     return getitems(keys) if getitems is not None else [self._records[k] for k in keys]
 
 
-def val_query_index(labels: SplitLabels) -> np.ndarray:
-  """The original's `_prepare_val`: per identity, the first image (record order) of each of its cameras."""
-  _, first = np.unique(np.stack([labels.pids, labels.camids.astype(np.int64)], axis=1), axis=0,
-                       return_index=True)
-  return np.sort(first)
+def val_query_index(labels: SplitLabels, seed: int) -> np.ndarray:
+  """The original's `_prepare_val`: one image per (identity, camera), sorted. The original takes the first in
+  its list order (a glob, or a random sample); the first by file name would always pick GTA's day sequences
+  and earliest frames, so each is drawn with `seed` instead."""
+  shuffled = np.random.default_rng([seed, _VAL_QUERY_SALT]).permutation(len(labels))
+  keys = np.stack([labels.pids[shuffled], labels.camids[shuffled].astype(np.int64)], axis=1)
+  _, first = np.unique(keys, axis=0, return_index=True)
+  return np.sort(shuffled[first])
 
 
 def val_name(config) -> str:
-  """The name the validation results go under (eval/<name>.json)."""
-  return f"{config.data.source}-val"
+  """The name the validation results go under (eval/<name>.json): "<target>-val", or "<source>-val" without a
+  target."""
+  return f"{val_dataset(config)}-val"
 
 
 def create_val_pipelines(config, batch_size: int | None = None, process_index: int | None = None,
@@ -673,22 +720,25 @@ def create_val_pipelines(config, batch_size: int | None = None, process_index: i
                          ) -> dict[str, EvalStream]:
   """{"query", "gallery"}: the validation streams of config.data.val, as `create_eval_pipeline` batches them.
 
-  The gallery is every image (after n_samples, in train record order) of the identities
-  `create_source_pipeline` holds out, the query the first image of each of their cameras (the original's
-  val_query, whose images stay in val_gallery too; the same-camera rule of evaluation drops them there).
-  Labels are the dataset's own pids.
+  The dataset is `val_dataset(config)`: the target (the original's adversarial val), or the source without
+  one. The gallery is every train-split image (after n_samples for the source, in record order) of the
+  identities its training stream holds out, the query one image of each of their cameras drawn with
+  config.seed (the original's val_query, whose images stay in val_gallery too; the same-camera rule of
+  evaluation drops them there). Labels are the dataset's own pids.
   """
   if not config.data.val:
     raise ValueError("create_val_pipelines needs config.data.val=True (validation identities held out).")
-  name = config.data.source
+  name = val_dataset(config)
   # The held-out draw depends on the train split alone (build_examples draws it first), so reading that split
-  # gives the identities the source stream leaves out.
+  # gives the identities the training stream leaves out.
   records = _split_records(config, name, ("train",), data_sources)["train"]
   labels = read_labels(records)
-  held_out = _source_examples(config, {"train": labels}, ("train",)).val_record_index
+  examples, stream = ((_target_examples, _TARGET_STREAM) if name == config.data.target
+                      else (_source_examples, _SOURCE_STREAM))
+  held_out = examples(config, {"train": labels}, ("train",)).val_record_index
   gallery = _RecordSubset(records, held_out)
   gallery_labels = SplitLabels(labels.pids[held_out], labels.camids[held_out], labels.filenames[held_out])
-  query = _RecordSubset(gallery, val_query_index(gallery_labels))
+  query = _RecordSubset(gallery, val_query_index(gallery_labels, _seed_for(config, stream)))
   return {split: create_eval_pipeline(config, val_name(config), f"val_{split}", batch_size, process_index,
                                       process_count, records=subset)
           for split, subset in (("query", query), ("gallery", gallery))}

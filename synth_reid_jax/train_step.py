@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import optax
 
 from synth_reid_jax import compile_options, losses, optim
-from synth_reid_jax.models import BASELINE_BACKBONES, Models, sample_patch_ids
+from synth_reid_jax.models import BASELINE_BACKBONES, Models, forms, sample_patch_ids
 from synth_reid_jax.models.discriminator import NUM_LAYERS as _DISCRIMINATOR_LAYERS
-from synth_reid_jax.models.forms import nonfinite_guard
 from synth_reid_jax.sharding import batch_sharding, check_batch_size, replicated_sharding
 from synth_reid_jax.train_state import OPTIMIZER_CONFIG, TrainState
 
@@ -366,15 +365,16 @@ def make_train_step(config, models: Models, optimizers: dict[str, Any], steps_pe
   (LOSS_METRICS, 0 when off), reid_acc (percent), lr_<network> of every trained network and nonfinite (1.0
   when the step was skipped for a non-finite loss or gradient). `compiler_options` go to XLA on top of
   compile_options.compiler_options() (e.g. {"xla_backend_optimization_level": 0} compiles about twice as fast,
-  for tests).
+  for tests). The "auto" forms, guard and compiler options are those of the mesh's platform (forms.py): a
+  mesh of compile-only TPU devices gives the TPU program on any host.
   """
   check_batch_size(config.train.batch_size, mesh)
   lr_fns = {name: optim.create_learning_rate_fn(config.optim[OPTIMIZER_CONFIG[name]], steps_per_epoch)
             for name in optimizers}
   make = _make_baseline_step if config.model.backbone in BASELINE_BACKBONES else _make_method_step
-  guard = nonfinite_guard(config.train.get("nonfinite_guard", "auto"))
-  step = make(config, models, optimizers, lr_fns, steps_per_epoch, guard)
+  guard = forms.nonfinite_guard(config.train.get("nonfinite_guard", "auto"), mesh)
+  step = forms.traced_for(make(config, models, optimizers, lr_fns, steps_per_epoch, guard), mesh)
   replicated = replicated_sharding(mesh)
   return jax.jit(step, in_shardings=(replicated, batch_sharding(mesh), replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0,
-                 compiler_options=compile_options.compiler_options(compiler_options))
+                 compiler_options=compile_options.compiler_options(compiler_options, mesh))

@@ -25,6 +25,8 @@ from synth_reid_jax.inference import prepare
 from synth_reid_jax.metric_writer import MetricWriter
 from synth_reid_jax.models import build_models
 from synth_reid_jax.prefetch import Prefetcher
+from synth_reid_jax.storage import storage_errors
+from synth_reid_jax.tools.import_torch import missing_imagenet_notice
 from synth_reid_jax.transforms import to_uint8
 from synth_reid_jax.workdir_lock import WorkdirLock
 
@@ -204,14 +206,19 @@ class DivergenceWatch:
 
 class StopRequest:
   """Set by SIGTERM or a first Ctrl-C (single process), or a preemption notice reached by every host
-  (multi-host). A second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint."""
+  (multi-host). A second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint.
+
+  A process started with SIGINT ignored (`nohup`, a background job of a script) keeps ignoring it, as the
+  one who started it asked: SIGTERM still stops it with a checkpoint.
+  """
 
   def __init__(self, checkpointer, writer):
     self._checkpointer, self._writer, self._flag = checkpointer, writer, threading.Event()
     self._previous = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+      if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
   def _interrupt(self, *_):
     if self._flag.is_set():
@@ -236,9 +243,12 @@ class StopRequest:
 def train_and_evaluate(config, workdir):
   """Trains on config.data.source with config.data.target alongside, evaluating every eval_every_epochs.
 
-  Resumes from the latest checkpoint in workdir (state, data iterators, rng and metrics.jsonl).
+  Resumes from the latest checkpoint in workdir (state, data iterators, rng and metrics.jsonl), refusing a
+  config that changes what its checkpoints mean (config_checks.RESUMABLE_KEYS lists what may change).
   Returns the final state.
   """
+  config_checks.validate_config(config)
+  config_checks.check_workdir_config(config, workdir, resume=True)
   workdir, mesh = prepare(config, workdir)
   # Process 0 writes the workdir (config.json, metrics, samples, eval/): one run at a time.
   lock = WorkdirLock(workdir, "train") if jax.process_index() == 0 else None
@@ -247,17 +257,30 @@ def train_and_evaluate(config, workdir):
     if lock.took_over:
       print(f"Took over the workdir lock of {lock.took_over}, which is no longer running.", flush=True)
   try:
-    return _train(config, workdir, mesh)
+    # A full disk or lost permissions while writing metrics, samples or config.json: one line.
+    with storage_errors(workdir, "Training stopped; the checkpoints written before it are intact: "
+                        "free space (or fix the permissions) and rerun the same command to resume."):
+      return _train(config, workdir, mesh)
   finally:
     if lock is not None:
       lock.release()
 
 
+def open_eval_datasets(evaluator, config):
+  """Reads every evaluated split's labels now, so that a dataset that cannot be read stops the run before it
+  trains rather than at its first evaluation."""
+  names = list(config.data.eval_datasets)
+  if config.data.get("val"):
+    names.insert(0, input_pipeline.val_name(config))
+  for name in names:
+    evaluator.streams(name)
+
+
 def _train(config, workdir, mesh):
   is_main = jax.process_index() == 0
-  if is_main:
-    config_checks.write_config(config, workdir)
-
+  # The data first: what only it can judge (validation identities, identities per PK batch, a batch larger
+  # than the dataset) is checked as its labels are read, before config.json is written or anything compiles,
+  # so that a failed start leaves the workdir as it was.
   source = input_pipeline.create_source_pipeline(config)
   target = None
   if config_checks.needs_target(config):
@@ -270,6 +293,13 @@ def _train(config, workdir, mesh):
           f"{steps_per_epoch} steps/epoch; {num_steps} steps in all"
           + (f"; target {config.data.target}: {target.num_images} images" if target is not None else ""),
           flush=True)
+    if notice := missing_imagenet_notice(config):  # a baseline without the original's ImageNet start
+      print(notice, flush=True)
+  models = build_models(config, source.num_classes)
+  evaluator = Evaluator(config, models, mesh, workdir)
+  open_eval_datasets(evaluator, config)
+  if is_main:
+    config_checks.write_config(config, workdir)  # the run starts: every check passed
 
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state, optimizers = create_replicated_state(config, init_rng, source.num_classes, mesh)
@@ -292,7 +322,6 @@ def _train(config, workdir, mesh):
     checkpointer.close()
     return state
 
-  models = build_models(config, source.num_classes)
   step_fn = train_step_lib.make_train_step(config, models, optimizers, steps_per_epoch, mesh)
   translate_fn = make_translate_fn(models) if config.model.backbone == "generator" else None
   metadata = {"num_classes": source.num_classes, "steps_per_epoch": steps_per_epoch,
@@ -300,7 +329,7 @@ def _train(config, workdir, mesh):
   train = config.train
 
   writer = MetricWriter(workdir, enabled=is_main, initial_step=start_step, total_steps=num_steps)
-  evaluator = Evaluator(config, models, mesh, workdir, writer)
+  evaluator.writer = writer
   stop = StopRequest(checkpointer, writer)
   divergence = DivergenceWatch(train.divergence_factor)
   train_metrics = TrainMetrics(train.batch_size)
@@ -329,10 +358,13 @@ def _train(config, workdir, mesh):
         writer.write_scalars(done, divergence.check(done, train_metrics.row(epoch), writer))
       if sample:
         save_samples(config, translate_fn, state, batch, done, workdir)
-      results = None
+      results, failed = None, None
       if evaluate:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        results = evaluator.run(variables, done, visrank=done == num_steps, validation=True)
+        try:
+          results = evaluator.run(variables, done, visrank=done == num_steps, validation=True)
+        except Exception as e:  # saved first, raised below: a failed evaluation must not lose the training
+          failed = e
       if checkpoint:
         # The kept "best" checkpoint is ranked on the validation split when config.data.val is on.
         selected = evaluator.selection_dataset()
@@ -340,6 +372,11 @@ def _train(config, workdir, mesh):
         selection = {"selected_on": selected, **(best or {})}
         checkpointer.save(done, state, iterator_states=iterator_states, rng=train_rng, metrics=best,
                           metadata=dict(metadata, epoch=done / steps_per_epoch, selection=selection))
+      if failed is not None:
+        checkpointer.wait_until_finished()
+        writer.print(f"Evaluation at step {done} failed; the training up to it is saved (checkpoint {done}): "
+                     "rerun the same command to resume once the error below is fixed.")
+        raise failed
       if stopping:
         checkpointer.wait_until_finished()
         writer.print(f"Stop requested (SIGTERM, Ctrl-C or preemption): checkpoint saved at step {done}; "

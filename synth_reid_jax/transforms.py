@@ -19,6 +19,8 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from synth_reid_jax.datasets.images import to_rgb
+
 # torchvision's RandomHorizontalFlip default, which the original uses.
 FLIP_PROB = 0.5
 # ToTensor maps uint8 to [0, 1] by this division.
@@ -46,8 +48,7 @@ def to_pil(value) -> Image.Image:
   if not isinstance(value, (bytes, bytearray, memoryview)):
     raise TypeError(f"Cannot decode an image from a {type(value).__name__}; expected encoded bytes or a "
                     "uint8 (H, W, 3) array.")
-  image = Image.open(io.BytesIO(value))
-  return image if image.mode == "RGB" else image.convert("RGB")
+  return to_rgb(Image.open(io.BytesIO(value)))  # 16-bit, palette, alpha, CMYK: see datasets/images.py
 
 
 def resize(image: Image.Image, height: int, width: int) -> Image.Image:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from synth_reid_jax.datasets.images import to_rgb
+
 # visrank layout (pixels): the query, a wider gap, then the top-k gallery images with a frame each.
 RANK_SPACING = 10  # between two gallery images
 QUERY_SPACING = 90  # extra gap after the query
@@ -29,10 +31,10 @@ def load_image(item) -> np.ndarray:
   """uint8 (H, W, 3) from an image array (uint8, or float in [-1, 1]), a file path or encoded bytes."""
   if isinstance(item, (str, os.PathLike)):
     with Image.open(item) as image:
-      return np.asarray(image.convert("RGB"))
+      return np.asarray(to_rgb(image, f"image {item}"))
   if isinstance(item, (bytes, bytearray)):
     with Image.open(io.BytesIO(item)) as image:
-      return np.asarray(image.convert("RGB"))
+      return np.asarray(to_rgb(image))
   image = to_uint8(item)
   if image.ndim == 2:
     image = np.repeat(image[:, :, None], 3, axis=2)
@@ -57,28 +59,40 @@ def _item_name(item, index):
 
 def ranked_gallery(distmat, q_pids, g_pids, q_camids, g_camids, query_index, topk):
   """Top-k gallery indices of one query in torchreid's order (argsort), skipping same pid *and* camid, with
-  whether each is a correct match."""
-  order = np.argsort(np.asarray(distmat)[query_index])
+  whether each is a correct match. The k nearest are found by argpartition, not a sort of the whole row."""
+  from synth_reid_jax import evaluation
+  row = np.asarray(distmat)[query_index][None, :]
+  g_pids, g_camids = np.asarray(g_pids), np.asarray(g_camids)
   q_pid, q_camid = q_pids[query_index], q_camids[query_index]
-  g_pids, g_camids = np.asarray(g_pids)[order], np.asarray(g_camids)[order]
-  kept = ~((g_pids == q_pid) & (g_camids == q_camid))
-  return order[kept][:topk], (g_pids[kept] == q_pid)[:topk]
+  excluded = ((g_pids == q_pid) & (g_camids == q_camid))[None, :]
+  indices, _ = evaluation._top_k_rows(row, topk, excluded)
+  gallery = indices[0][indices[0] >= 0]
+  return gallery, g_pids[gallery] == q_pid
 
 
 def visrank(distmat, q_pids, g_pids, q_camids, g_camids, query_images: Sequence, gallery_images: Sequence,
             save_dir: str, *, topk: int = 10, height: int = 256, width: int = 128,
             query_indices: Sequence[int] | None = None, queries_per_file: int = 1,
-            names: Sequence[str] | None = None) -> list[str]:
+            names: Sequence[str] | None = None, ranked: np.ndarray | None = None) -> list[str]:
   """Saves torchreid-style ranked results: per query a row "query | top-k gallery" with green / red frames.
 
   query_images / gallery_images: indexable; each entry an image array (uint8, or float in [-1, 1]), a file
   path or encoded bytes, loaded only when drawn. queries_per_file > 1 stacks that many query rows per PNG.
+  Instead of a distance matrix (distmat=None), `ranked` may give every query's top-k gallery indices
+  (evaluation.top_k with the ids: no matrix needed; -1 where fewer).
   Returns the paths written (one PNG per query, named after its file or index, or one per group of rows).
   """
-  distmat = np.asarray(distmat)
-  num_q, num_g = distmat.shape
+  if distmat is None:
+    if ranked is None:
+      raise ValueError("visrank needs a distance matrix or the `ranked` top-k gallery indices.")
+    ranked = np.asarray(ranked)
+    shape = (len(q_pids), len(g_pids))
+  else:
+    distmat = np.asarray(distmat)
+    shape = distmat.shape
+  num_q, num_g = shape
   if len(query_images) != num_q or len(gallery_images) != num_g:
-    raise ValueError(f"visrank: distmat is {distmat.shape} but got {len(query_images)} query and "
+    raise ValueError(f"visrank: the ranking is {shape} but got {len(query_images)} query and "
                      f"{len(gallery_images)} gallery images.")
   if topk < 1 or queries_per_file < 1:
     raise ValueError(f"visrank needs topk >= 1 and queries_per_file >= 1, got {topk} and {queries_per_file}.")
@@ -93,7 +107,12 @@ def visrank(distmat, q_pids, g_pids, q_camids, g_camids, query_images: Sequence,
   def draw_row(q):
     row = np.full((height, row_width, 3), BACKGROUND, np.uint8)
     row[:, :width] = _framed(load_image(query_images[q]), height, width, QUERY_FRAME)
-    gallery, correct = ranked_gallery(distmat, q_pids, g_pids, q_camids, g_camids, q, topk)
+    if distmat is None:
+      gallery = ranked[q][:topk]
+      gallery = gallery[gallery >= 0]
+      correct = g_pids[gallery] == q_pids[q]
+    else:
+      gallery, correct = ranked_gallery(distmat, q_pids, g_pids, q_camids, g_camids, q, topk)
     for rank, (g, ok) in enumerate(zip(gallery, correct), start=1):
       left = rank * (width + RANK_SPACING) + QUERY_SPACING
       frame = MATCH_FRAME if ok else MISMATCH_FRAME

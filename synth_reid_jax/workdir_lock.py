@@ -3,7 +3,9 @@
 The operating system drops the lock when its process ends however it ends (SIGKILL, a lost machine), so a
 lock left by a dead run is simply taken over. The file's content (pid, host, start time) names the holder in
 the message a second run gets; a clean exit empties it, so content found with the lock free means a run that
-died, and the new run says it took that lock over.
+died, and the new run says it took that lock over. Taking the lock is also the check that the workdir can be
+written (storage.check_folder): a file in its place, a read-only or full disk stop the run there, in one
+line, before any data is read.
 """
 
 import fcntl
@@ -12,6 +14,7 @@ import os
 import socket
 import time
 
+from synth_reid_jax import storage
 from synth_reid_jax.errors import WorkdirBusyError
 
 LOCK_FILE = ".lock"
@@ -46,8 +49,11 @@ class WorkdirLock:
     self._fd = None
 
   def acquire(self):
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    workdir = os.path.dirname(self.path)
+    storage.check_folder(workdir, "--workdir")
+    with storage.storage_errors(workdir, "Give a --workdir this process can write into."):
+      os.makedirs(workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -59,11 +65,16 @@ class WorkdirLock:
     previous = _read(fd)
     if previous is not None:
       self.took_over = _describe(previous)
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "mode": self.mode, "started": time.time()}
-    os.write(fd, json.dumps(info).encode())
-    os.fsync(fd)
+    try:
+      with storage.storage_errors(workdir, "Give a --workdir on a disk with free space."):
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(info).encode())
+        os.fsync(fd)
+    except BaseException:
+      os.close(fd)
+      raise
     self._fd = fd
     return self
 

@@ -65,6 +65,15 @@ DUKE_EXPECTED = {
     "query": {"ids": 2, "images": 3, "cameras": 3},
     "gallery": {"ids": 4, "images": 6, "cameras": 6},
 }
+# A Duke whose train split can lose identities to validation (data.val) and still fill the tiny configs'
+# batches: DUKE_FILES plus 5 identities of 3 images on 2 cameras each (8 identities, 21 images).
+DUKE_MORE_IDS_FILES = {
+    **DUKE_FILES,
+    "bounding_box_train": DUKE_FILES["bounding_box_train"] + [
+        f"{pid:04d}_c{cam}_f{frame:07d}.jpg" for pid in (11, 13, 15, 17, 19)
+        for cam, frame in ((1, 100 * pid), (1, 100 * pid + 40), (6, 100 * pid + 7))
+    ],
+}
 
 # --- GTA_synthReid ------------------------------------------------------------------------------------------
 GTA_FILES = {
@@ -83,6 +92,15 @@ GTA_EXPECTED = {
     "train": {"ids": 3, "images": 6, "cameras": 5},
     "query": {"ids": 2, "images": 2, "cameras": 1},
     "gallery": {"ids": 3, "images": 4, "cameras": 4},
+}
+# A GTA_synthReid whose train split can lose identities to the baseline's validation: GTA_FILES plus 5
+# identities of 3 images (day and night, 2 cameras) each (8 identities, 21 images).
+GTA_MORE_IDS_FILES = {
+    **GTA_FILES,
+    "bounding_box_train": GTA_FILES["bounding_box_train"] + [
+        f"{30000000 + pid}_s{time}{pid:03d}c{cam:02d}_{frame:04d}.jpeg" for pid in range(1, 6)
+        for time, cam, frame in (("d", 3, 10 * pid), ("n", 3, 10 * pid + 1), ("d", 12, 10 * pid + 2))
+    ],
 }
 
 # --- CUHK03-NP ----------------------------------------------------------------------------------------------
@@ -189,13 +207,15 @@ def make_market1501(manual_dir: str, folder: str = "Market-1501-v15.09.15") -> s
   return manual_dir
 
 
-def make_dukemtmc_reid(manual_dir: str, folder: str = "DukeMTMC-reID") -> str:
-  write_tree(os.path.join(manual_dir, folder), DUKE_FILES)
+def make_dukemtmc_reid(manual_dir: str, folder: str = "DukeMTMC-reID", files: dict = DUKE_FILES) -> str:
+  """DukeMTMC-reID under manual_dir/<folder>; `files` DUKE_MORE_IDS_FILES for validation runs."""
+  write_tree(os.path.join(manual_dir, folder), files)
   return manual_dir
 
 
-def make_gta_synthreid(manual_dir: str) -> str:
-  write_tree(os.path.join(manual_dir, "GTA_synthReid"), GTA_FILES)
+def make_gta_synthreid(manual_dir: str, files: dict = GTA_FILES) -> str:
+  """GTA_synthReid under manual_dir; `files` GTA_MORE_IDS_FILES for validation runs."""
+  write_tree(os.path.join(manual_dir, "GTA_synthReid"), files)
   return manual_dir
 
 
@@ -287,6 +307,15 @@ def make_cuhk03_release(manual_dir: str, folder: str = "cuhk03") -> str:
   return manual_dir
 
 
+def make_more_ids(manual_dir: str) -> str:
+  """GTA, Duke (DUKE_MORE_IDS_FILES, GTA_MORE_IDS_FILES) and Market under one manual_dir: the trees of runs
+  with data.val, which hold identities out of the target's or the source's train split."""
+  make_market1501(manual_dir)
+  make_dukemtmc_reid(manual_dir, files=DUKE_MORE_IDS_FILES)
+  make_gta_synthreid(manual_dir, files=GTA_MORE_IDS_FILES)
+  return manual_dir
+
+
 def make_all(manual_dir: str) -> str:
   """Every fake release under one manual_dir."""
   make_market1501(manual_dir)
@@ -300,7 +329,7 @@ def make_all(manual_dir: str) -> str:
 # --- MSMT17 -------------------------------------------------------------------------------------------------
 # List lines (relative path, pid) as in the release: per-identity folders, the camera as the third `_` field,
 # pids 0-based and numbered separately in train and test. list_val repeats train identities, as the real one
-# does; the train split is list_train + list_val (torchreid's with combineall, the release's training set).
+# does; the train split is list_train alone (torchreid's without combineall), list_val the split "val".
 MSMT17_LISTS = {
     "list_train.txt": [
         ("0000/0000_000_01_0303morning_0015_0.jpg", 0), ("0000/0000_001_01_0303morning_0016_1.jpg", 0),
@@ -321,10 +350,11 @@ MSMT17_LISTS = {
         ("0002/0002_000_14_0302noon_0005_0.jpg", 2),
     ],
 }
+MSMT17_VAL_EXPECTED = {"ids": 2, "images": 2, "cameras": 2}  # list_val: identities 1 and 2, cameras 2, 11
 MSMT17_VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
 MSMT17_UNLISTED = "0003/0003_000_08_0303noon_0010_0.jpg"  # an image in the train folder that no list names
 MSMT17_EXPECTED = {
-    "train": {"ids": 3, "images": 8, "cameras": 6},  # cameras 1, 3, 15, 7, 11, 2
+    "train": {"ids": 3, "images": 6, "cameras": 5},  # list_train: cameras 1, 3, 15, 7, 11
     "query": {"ids": 2, "images": 3, "cameras": 3},
     "gallery": {"ids": 3, "images": 5, "cameras": 5},
 }

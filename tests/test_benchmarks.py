@@ -62,6 +62,28 @@ def test_evaluation_benchmark_agrees_with_the_reference_loop():
   assert r["max_cmc_diff"] == 0.0 and r["mAP_diff"] < 1e-6  # the same numbers as the reference loop
   assert 0.0 < r["mAP"] <= 1.0 and r["speedup"] > 0
   assert r["extract_images_per_s"] > 0 and r["extract_images_per_s_flip"] > 0
+  # compute_metrics from features and the whole-matrix path, side by side: the same numbers
+  assert r["compute_metrics_same"] and r["compute_metrics_rerank_same"]
+  for key in ("compute_metrics_s", "whole_matrix_s", "compute_metrics_rerank_s", "whole_matrix_rerank_s"):
+    assert r[key] > 0, key
+
+
+def test_evaluation_benchmark_msmt17_part_reports_memory_and_time(monkeypatch):
+  """The --size=msmt17 child's measurements, on a shrunken problem."""
+  from benchmarks import evaluation as bench
+  monkeypatch.setattr(bench, "MSMT17_QUERY", 40)
+  monkeypatch.setattr(bench, "MSMT17_GALLERY", 300)
+  monkeypatch.setattr(bench, "MSMT17_IDS", 20)
+  monkeypatch.setattr(bench.evaluation, "RERANK_MATRIX_BYTES", 0)  # from features, as at full size
+  # progress=True wraps _Distances.blocks (as the child process does); monkeypatch puts it back afterwards
+  monkeypatch.setattr(bench.evaluation._Distances, "blocks", bench.evaluation._Distances.blocks)
+  plain, rerank = bench.msmt17_part("plain", 0), bench.msmt17_part("rerank", 0, progress=True)
+  assert plain["blocks_bit_identical"]
+  for r in (plain, rerank):
+    assert r["seconds"] > 0 and r["peak_rss_gib"] >= r["rss_after_features_gib"] > 0
+    assert r["features_gib"] == pytest.approx(340 * 2048 * 4 / 2**30)
+    assert 0.0 < r["mAP"] <= 1.0 and r["block_rows"] >= 2
+  assert rerank["rows_read_in_full"] >= 0 and rerank["entries_recomputed"] >= 0
 
 
 @pytest.mark.slow

@@ -41,3 +41,16 @@ def test_overrides_are_added_and_win():
     assert options.items() >= compile_options.CPU_COMPILER_OPTIONS.items()
   key = next(iter(compile_options.CPU_COMPILER_OPTIONS))
   assert compile_options.compiler_options({key: ""})[key] == ""
+
+
+def test_the_target_decides_not_the_host():
+  """A program compiled for TPU devices gets no XLA:CPU option, even when this CPU host compiles it."""
+  from synth_reid_jax import sharding
+
+  assert compile_options.compiler_options(target="tpu") is None
+  assert compile_options.compiler_options({"xla_backend_optimization_level": 0}, target="tpu") == {
+      "xla_backend_optimization_level": 0}
+  cpu_mesh = sharding.create_mesh(jax.devices()[:2])
+  assert compile_options.compiler_options(target=cpu_mesh) == compile_options.compiler_options()
+  if compile_options._cpu_options_supported():
+    assert compile_options.compiler_options(target=cpu_mesh) == compile_options.CPU_COMPILER_OPTIONS

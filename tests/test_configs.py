@@ -113,10 +113,159 @@ def test_validation_names_every_problem_and_the_fix():
   with pytest.raises(ValueError) as error:
     config_checks.validate_config(config)
   message = str(error.value)
-  assert "config.data.height=30 must be a positive multiple of 4" in message
-  assert "config.data.source='gta5' is not a dataset" in message and "market1501" in message
-  assert "[9] out of range" in message and "layers 0..5" in message
-  assert "[7] out of range" in message
+  assert "config.data.height=30; allowed: an integer >= 4, a multiple of 4" in message
+  assert "config.data.source='gta5'; allowed: a dataset name, one of" in message and "market1501" in message
+  assert "[9] out of range" in message and "are 0..5" in message
+  assert "config.loss.dis_layers=(1, 7); allowed: a tuple of values, each an integer in [0, 5]" in message
+
+
+# --- every key has a rule (configs/default.py and config_checks.RULES cannot drift apart) -------------------
+
+
+def test_every_documented_key_has_a_rule_and_a_resume_policy():
+  keys = set(flat(default()))
+  assert keys == set(config_checks.RULES), "a key of configs/default.py without a rule, or a stale rule"
+  assert set(config_checks.RESUMABLE_KEYS) <= keys and set(config_checks.SHAPE_KEYS) <= keys
+  assert not set(config_checks.SHAPE_KEYS) & set(config_checks.RESUMABLE_KEYS)
+  for key in ("train.batch_size", "data.source", "data.target", "data.height", "seed", "optim.reid.lr",
+              "optim.generator.milestones", "loss.nce"):
+    assert key not in config_checks.RESUMABLE_KEYS, key
+
+
+@pytest.mark.parametrize("key", sorted(config_checks.RULES))
+def test_every_rule_checks_the_type(key):
+  rule = config_checks.RULES[key]
+  assert rule.test(flat(default())[key]), key  # the documented default is allowed
+  assert not rule.test(object()) and rule.describe(), key
+
+
+# One wrong value per class of the issue; each must come back as one problem naming the key, the value and
+# what is allowed.
+BAD_VALUES = [
+    ("optim.generator.lr", -1.0, "a finite number > 0"),
+    ("optim.reid.lr", float("inf"), "a finite number > 0"),
+    ("optim.projector.b2", 1.0, "a number in [0, 1)"),
+    ("optim.reid.milestones", (40, 30), "in increasing order"),
+    ("loss.reid_ce", -0.5, "a finite number >= 0"),
+    ("loss.nce_temperature", 0.0, "a finite number > 0"),
+    ("loss.num_patches", 0, "an integer >= 1"),
+    ("loss.label_smoothing", 1.0, "a number in [0, 1)"),
+    ("model.ngf", 0, "an integer >= 1"),
+    ("model.ndf", -3, "an integer >= 1"),
+    ("model.reid_stages", (1, 1), "a tuple of 3 values"),
+    ("data.mean", (0.5, 0.5), "a tuple of 3 values, each a finite number"),
+    ("data.std", (0.5, 0.0, 0.5), "each a finite number > 0"),
+    ("data.pad_size", -2, "an integer >= 0"),
+    ("data.n_samples", -1, "an integer >= 0"),
+    ("data.num_workers", -1, "an integer >= 0"),
+    ("data.jitter_hue", 0.7, "a number in [0, 0.5]"),
+    ("data.jitter_brightness", -0.1, "a finite number >= 0"),
+    ("data.crop_prob", 1.5, "a number in [0, 1]"),
+    ("data.erase_area", (0.4, 0.02), "0 < low <= high <= 1"),
+    ("data.val_ids", 0, "an integer >= 1"),
+    ("eval.batch_size", 0, "an integer >= 1"),
+    ("eval.ranks", (), "1 or more values"),
+    ("train.num_steps", 0, "None or an integer >= 1"),
+    ("train.divergence_factor", 0.5, "a finite number > 1"),
+    ("seed", -1, "an integer in [0, 4294967295]"),
+]
+
+
+@pytest.mark.parametrize("key, value, allowed", BAD_VALUES)
+def test_a_bad_value_is_named_with_what_is_allowed(key, value, allowed):
+  config = load("gta2duke", "tiny")
+  section, *rest = key.split(".")
+  node = config
+  for part in [section, *rest][:-1]:
+    node = node[part]
+  with node.ignore_type() if hasattr(node, "ignore_type") else config.ignore_type():
+    node[key.split(".")[-1]] = value
+  problems = config_checks.config_problems(config, reference=default())
+  assert len(problems) == 1, problems
+  shown = repr(tuple(value) if isinstance(value, (tuple, list)) else value)
+  assert problems[0] == f"config.{key}={shown}; allowed: " + problems[0].split("; allowed: ", 1)[1]
+  assert allowed in problems[0], problems[0]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"data.sampler": "pk", "data.num_instances": 3},
+     "config.train.batch_size=4 with config.data.sampler='pk' and config.data.num_instances=3"),
+    ({"data.combineall": False, "data.combineall_query": True}, "combineall_query=True"),
+    ({"loss.reid_ce": 0.0}, "reid_ce and reid_triplet are both 0"),
+    ({"data.transforms": ("pad",)}, "pad without random_crop"),
+    ({"data.target": "nowhere"}, "config.data.target='nowhere' is not a dataset"),
+    ({"model.backbone": "resnet50"}, "has no generator"),
+])
+def test_constraints_between_keys(changes, message):
+  config = load("gta2duke", "tiny")
+  for key, value in changes.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  problems = config_checks.config_problems(config)
+  assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_every_problem_is_listed_at_once():
+  config = load("gta2duke", "tiny")
+  config.optim.generator.lr = -1.0
+  config.model.ngf = 0
+  config.eval.batch_size = 0
+  config.data.std = (0.5, 0.0, 0.5)
+  with pytest.raises(ValueError) as error:
+    config_checks.validate_config(config, reference=default())
+  lines = str(error.value).splitlines()
+  assert lines[0] == "Invalid config:" and len(lines) == 5
+  for key in ("optim.generator.lr=-1.0", "model.ngf=0", "eval.batch_size=0", "data.std=(0.5, 0.0, 0.5)"):
+    assert any(f"config.{key}; allowed" in line for line in lines), key
+
+
+# --- resuming: what may change ------------------------------------------------------------------------------
+
+
+def trained_workdir(tmp_path, config):
+  """A workdir as a run leaves it: config.json and a checkpoint folder (its contents are not read)."""
+  config_checks.write_config(config, str(tmp_path))
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+  return str(tmp_path)
+
+
+def test_resume_refuses_a_change_of_what_the_checkpoints_mean(tmp_path):
+  workdir = trained_workdir(tmp_path, load("gta2duke", "tiny"))
+  changed = load("gta2duke", "tiny")
+  changed.train.batch_size = 8
+  changed.data.target = "market1501"
+  changed.optim.reid.lr = 1e-3
+  with pytest.raises(ValueError) as error:
+    config_checks.check_workdir_config(changed, workdir, resume=True)
+  message = str(error.value)
+  assert f"Cannot resume the run in {workdir}" in message and "--workdir=<new folder>" in message
+  for line in ("train.batch_size: 4 in config.json, 8 now", "data.target: 'dukemtmc_reid' in config.json, "
+               "'market1501' now", "optim.reid.lr: 0.0002 in config.json, 0.001 now"):
+    assert line in message, message
+  config_checks.check_workdir_config(changed, workdir)  # eval reads the same shapes: not refused
+
+
+def test_resume_accepts_the_resumable_keys(tmp_path):
+  workdir = trained_workdir(tmp_path, load("gta2duke", "tiny"))
+  changed = load("gta2duke", "tiny")
+  changed.train.num_steps = 100
+  changed.train.checkpoint_every_steps = 7
+  changed.eval.batch_size = 8
+  changed.eval.metric = "cosine"
+  changed.data.eval_datasets = ("market1501", "dukemtmc_reid")
+  changed.data.num_workers = 3
+  config_checks.check_workdir_config(changed, workdir, resume=True)
+
+
+def test_a_workdir_without_checkpoints_takes_any_config(tmp_path):
+  """A start that failed before its first checkpoint must not bind the corrected command to its values."""
+  config_checks.write_config(load("gta2duke", "tiny"), str(tmp_path))
+  changed = load("gta2duke", "tiny")
+  changed.model.ngf = 16
+  changed.train.batch_size = 8
+  config_checks.check_workdir_config(changed, str(tmp_path), resume=True)
+  (tmp_path / "checkpoints").mkdir()  # an empty folder (a first save that never finished) is no checkpoint
+  config_checks.check_workdir_config(changed, str(tmp_path), resume=True)
 
 
 def test_unknown_key_suggests_the_documented_one():

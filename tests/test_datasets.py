@@ -126,13 +126,21 @@ def msmt17_builder(tmp_path_factory):
   return datasets.get_builder("msmt17", str(tmp_path_factory.mktemp("msmt17_data")), manual)
 
 
-def test_msmt17_summary_is_torchreids_with_val_in_train(msmt17_builder):
-  assert datasets.summarize(msmt17_builder) == fakes.MSMT17_EXPECTED
+def test_msmt17_train_split_is_list_train_alone_as_torchreid(msmt17_builder):
+  """torchreid's train split (list_val joins only with combineall): the summary counts list_train alone."""
+  summary = datasets.summarize(msmt17_builder)
+  assert summary == fakes.MSMT17_EXPECTED
+  assert summary["train"]["images"] == len(fakes.MSMT17_LISTS["list_train.txt"]) == 6
+  val = records(msmt17_builder, "val")
+  pids, camids = [r["pid"] for r in val], [r["camid"] for r in val]
+  assert parsing.split_summary(pids, camids) == fakes.MSMT17_VAL_EXPECTED
+  listed = fakes.MSMT17_LISTS["list_val.txt"]
+  assert [r["filename"] for r in val] == sorted(os.path.basename(p) for p, _ in listed)
 
 
 def test_msmt17_records_take_pid_from_the_list_and_camera_from_the_name(msmt17_builder):
   train = records(msmt17_builder, "train")
-  listed = fakes.MSMT17_LISTS["list_train.txt"] + fakes.MSMT17_LISTS["list_val.txt"]
+  listed = fakes.MSMT17_LISTS["list_train.txt"]
   assert [r["filename"] for r in train] == sorted(os.path.basename(p) for p, _ in listed)  # unlisted skipped
   by_name = {r["filename"]: r for r in train}
   record = by_name["0001_000_15_0113afternoon_0200_0.jpg"]
@@ -207,6 +215,15 @@ def test_msmt17_bad_list_lines_are_named(line, message, tmp_path):
   with open(os.path.join(release, "list_query.txt"), "a") as f:
     f.write(line + "\n")
   with pytest.raises(ValueError, match=message):
+    datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
+
+
+def test_msmt17_image_in_list_train_and_list_val_is_named(tmp_path):
+  """train and val may be merged (combineall): an image in both lists would train twice."""
+  manual, release = _msmt17_release(tmp_path)
+  with open(os.path.join(release, "list_val.txt"), "a") as f:
+    f.write("0000/0000_000_01_0303morning_0015_0.jpg 0\n")
+  with pytest.raises(ValueError, match=r"twice in split 'val' \(line 1 of .*list_train.txt and line 3 "):
     datasets.get_builder("msmt17", str(tmp_path / "data"), manual)
 
 

@@ -324,3 +324,196 @@ def test_compute_metrics_and_results_table():
   table = evaluation.format_results(results, ranks=(1, 5, 10, 20), name="market1501")
   assert table.splitlines() == ["** Results (market1501) **", "mAP: 100.0%", "CMC curve", "Rank-1  : 100.0%",
                                 "Rank-5  : 100.0%", "Rank-10 : 100.0%", "Rank-20 : 100.0%"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compute_metrics from features (blocks, re-ranking without matrices) against the whole-matrix path
+# ----------------------------------------------------------------------------------------------------------
+
+
+def feature_problem(seed, num_q=23, num_g=71, dim=12, duplicates=False, nan=False, num_ids=7):
+  rng = np.random.default_rng(seed)
+  q_pids, g_pids = rng.integers(0, num_ids, num_q), rng.integers(0, num_ids, num_g)
+  centres = rng.standard_normal((num_ids, dim)).astype(np.float32)
+  qf = centres[q_pids] + rng.standard_normal((num_q, dim)).astype(np.float32)
+  gf = centres[g_pids] + rng.standard_normal((num_g, dim)).astype(np.float32)
+  if duplicates:  # identical images: exact ties in every ranking and in the k-nearest lists
+    gf[num_g // 2:num_g // 2 + 10] = gf[:10]
+    qf[:5] = gf[10:15]
+    qf[5:8] = np.round(qf[5:8])  # small integers: ties between distances of different images too
+    gf[20:40] = np.round(gf[20:40])
+  if nan:
+    gf[3, 2] = np.nan
+    qf[4, 0] = np.nan
+  return qf, gf, q_pids, g_pids, rng.integers(0, 3, num_q), rng.integers(0, 3, num_g)
+
+
+@pytest.fixture(params=[64 * 71, 2**30], ids=["small_blocks", "one_block"])
+def chunk_bytes(request, monkeypatch):
+  """Distance blocks of a few rows (many blocks, a padded last one) or of the whole matrix; re-ranking from
+  features however small the sets."""
+  monkeypatch.setattr(evaluation, "CHUNK_BYTES", request.param)
+  monkeypatch.setattr(evaluation, "RERANK_MATRIX_BYTES", 0)
+  return request.param
+
+
+def assert_same_metrics(new, old):
+  assert new["cmc"] == old["cmc"]  # identical, not close
+  assert new["mAP"] == pytest.approx(old["mAP"], abs=1e-15, rel=0)
+  assert (new["num_query"], new["num_gallery"]) == (old["num_query"], old["num_gallery"])
+
+
+@pytest.mark.parametrize("metric,normalize", [("euclidean", False), ("euclidean", True), ("cosine", False),
+                                              ("cosine", True)])
+@pytest.mark.parametrize("case", ["plain", "duplicates", "nan"])
+@pytest.mark.parametrize("rerank", [False, True])
+def test_compute_metrics_equals_the_whole_matrix_path(chunk_bytes, metric, normalize, case, rerank):
+  problem = feature_problem(len(case) + normalize, duplicates=case == "duplicates", nan=case == "nan")
+  kwargs = dict(metric=metric, normalize=normalize, rerank=rerank)
+  assert_same_metrics(evaluation.compute_metrics(*problem, **kwargs),
+                      evaluation._compute_metrics_from_matrices(*problem, **kwargs))
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_compute_metrics_cuhk03_equals_the_whole_matrix_path(chunk_bytes, rerank, duplicates):
+  problem = feature_problem(5, duplicates=duplicates)
+  np.random.seed(3)
+  new = evaluation.compute_metrics(*problem, rerank=rerank, cuhk03_metric=True)
+  after = np.random.random()
+  np.random.seed(3)
+  old = evaluation._compute_metrics_from_matrices(*problem, rerank=rerank, cuhk03_metric=True)
+  assert_same_metrics(new, old)
+  assert np.random.random() == after  # the same draws, in the same order
+
+
+@pytest.mark.parametrize("cuhk03_metric", [False, True])
+def test_small_sets_rerank_through_the_matrices_with_the_same_numbers(monkeypatch, cuhk03_metric):
+  problem = feature_problem(6, duplicates=True)
+  results = []
+  for matrix_bytes in (2**30, 0):
+    monkeypatch.setattr(evaluation, "RERANK_MATRIX_BYTES", matrix_bytes)
+    np.random.seed(0)
+    results.append(evaluation.compute_metrics(*problem, rerank=True, cuhk03_metric=cuhk03_metric))
+  assert_same_metrics(*results)
+
+
+def test_distance_blocks_have_the_bits_of_the_whole_matrix(monkeypatch):
+  """Blocks of any height (and rows gathered from anywhere) against all of b: the same float32 bits."""
+  rng = np.random.default_rng(12)
+  a, b = rng.standard_normal((37, 64)).astype(np.float32), rng.standard_normal((53, 64)).astype(np.float32)
+  for metric in evaluation.DISTANCE_METRICS:
+    whole = evaluation.distance_matrix(a, b, metric, chunk_size=37)
+    for chunk_size in (2, 5, 16):
+      np.testing.assert_array_equal(evaluation.distance_matrix(a, b, metric, chunk_size=chunk_size), whole)
+    distances = evaluation._Distances(evaluation._FeatureSet(a, metric), evaluation._FeatureSet(b, metric), 4)
+    picks = rng.integers(0, 37, 200), rng.integers(0, 53, 200)
+    np.testing.assert_array_equal(distances.entries(*picks), whole[picks])
+    np.testing.assert_array_equal(distances.columns(np.array([0, 9, 52])), whole[:, [0, 9, 52]])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rerank_from_features_equals_re_ranking_and_reads_few_rows_again(monkeypatch, symmetric):
+  """The final distances themselves, bit for bit, with ties in the neighbour lists (rows read in full: by
+  symmetry, or - when the rows read that way disagree with the kept entries - from a full pass) and
+  expansion entries outside the kept nearest (recomputed)."""
+  if not symmetric:
+    rows = evaluation._JointDistances._rows
+
+    def disagreeing_rows(stream, wanted):
+      out = rows(stream, wanted)
+      return out + 1.0 if stream.a is stream.b else out
+
+    monkeypatch.setattr(evaluation._JointDistances, "_rows", staticmethod(disagreeing_rows))
+  monkeypatch.setattr(evaluation, "CHUNK_BYTES", 4 * 90 * 7)
+  monkeypatch.setattr(evaluation, "RERANK_CANDIDATES", 1)  # the bare k1 + 2: many entries recomputed
+  monkeypatch.setattr(evaluation, "ENTRY_BLOCK_ROWS", 3)  # in blocks of another height than the pass's
+  qf, gf, *_ = feature_problem(9, num_q=30, num_g=90, duplicates=True)
+  q_g, q_q, g_g = (evaluation.distance_matrix(x, y) for x, y in ((qf, gf), (qf, qf), (gf, gf)))
+  expected = evaluation.re_ranking(q_g, q_q, g_g)
+  reranking = evaluation._ReRanking(qf, gf, "euclidean")
+  blocks = list(reranking.blocks())
+  assert len(blocks) > 1
+  np.testing.assert_array_equal(np.concatenate([block for _, block in blocks]), expected)
+  assert reranking.stats["rows_read_in_full"] > 0 and reranking.stats["entries_recomputed"] > 0
+  if not symmetric:  # (with real rows, whether the shortcut holds is the machine's matmul's business)
+    assert reranking.stats["rows_read_by_symmetry"] == 0
+
+
+def test_compute_metrics_bad_input():
+  qf, gf, *ids = feature_problem(0)
+  with pytest.raises(ValueError, match="same dim"):
+    evaluation.compute_metrics(qf, gf[:, :5], *ids)
+  with pytest.raises(ValueError, match="g_pids has 70 entries"):
+    evaluation.compute_metrics(qf, gf, ids[0], ids[1][:70], *ids[2:])
+  with pytest.raises(ValueError, match="at least one query"):
+    evaluation.compute_metrics(qf[:0], gf, ids[0][:0], ids[1], ids[2][:0], ids[3])
+  with pytest.raises(ValueError, match="Unknown distance metric"):
+    evaluation.compute_metrics(qf, gf, *ids, metric="manhattan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Test-time features: rows written where they belong
+# ----------------------------------------------------------------------------------------------------------
+
+
+class FakeStream:
+  """Batches of an eval pipeline out of dataset order, the last one padded, one image skipped (mask False)."""
+
+  def __init__(self, num_images=11, batch_size=4, dim=3, skipped=(), with_size=True):
+    self.batch_size, self.dim, self.skipped = batch_size, dim, set(skipped)
+    self.order = np.random.default_rng(0).permutation(num_images)
+    if with_size:
+      self.num_images = num_images
+
+  def __iter__(self):
+    for s in range(0, len(self.order), self.batch_size):
+      index = np.full(self.batch_size, -1)
+      chunk = self.order[s:s + self.batch_size]
+      index[:chunk.size] = chunk
+      mask = (index >= 0) & ~np.isin(index, list(self.skipped))
+      image = np.broadcast_to(index[:, None, None, None], (self.batch_size, 2, 2, 3)).astype(np.float32)
+      yield {"image": image, "mask": mask, "index": index, "pid": index * 10, "camid": index % 3}
+
+
+@pytest.mark.parametrize("with_size", [True, False])
+@pytest.mark.parametrize("skipped", [(), (5,)])
+def test_compute_features_writes_rows_in_dataset_order(with_size, skipped):
+  from synth_reid_jax import features, sharding
+  mesh = sharding.create_mesh()
+
+  def feature_fn(variables, images):  # a row's feature is its dataset index, 3 times
+    return images[:, 0, 0, :] * variables
+
+  out = features.compute_features(feature_fn, 1.0, FakeStream(skipped=skipped, with_size=with_size), mesh)
+  expected = np.array([i for i in range(11) if i not in skipped])
+  np.testing.assert_array_equal(out["index"], expected)
+  np.testing.assert_array_equal(out["features"], np.repeat(expected[:, None], 3, axis=1).astype(np.float32))
+  np.testing.assert_array_equal(out["pid"], expected * 10)
+  np.testing.assert_array_equal(out["camid"], expected % 3)
+  with pytest.raises(ValueError, match="got no batches"):
+    features.compute_features(feature_fn, 1.0, [], mesh)
+
+
+def test_features_reach_the_device_in_chunks_unchanged(monkeypatch):
+  monkeypatch.setattr(evaluation, "CHUNK_BYTES", 4 * 8 * 3)  # 3 rows at a time; 10 rows: an overlapping last
+  x = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(evaluation._to_device(x)), x)
+  np.testing.assert_array_equal(np.asarray(evaluation._to_device(x[:2])), x[:2])
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_top_k_is_the_argsort_order_of_the_whole_matrix(chunk_bytes, rerank):
+  qf, gf, q_pids, g_pids, q_cams, g_cams = feature_problem(4, duplicates=True)
+  dist = evaluation.distance_matrix(qf, gf)
+  if rerank:
+    dist = evaluation.re_ranking(dist, evaluation.distance_matrix(qf, qf), evaluation.distance_matrix(gf, gf))
+  indices, distances = evaluation.top_k(qf, gf, 9, rerank=rerank, q_pids=q_pids, g_pids=g_pids,
+                                        q_camids=q_cams, g_camids=g_cams)
+  for q in range(len(qf)):
+    order = np.argsort(dist[q])
+    order = order[~((g_pids[order] == q_pids[q]) & (g_cams[order] == q_cams[q]))][:9]
+    np.testing.assert_array_equal(indices[q], order)
+    np.testing.assert_array_equal(distances[q], dist[q, order])
+  unfiltered, _ = evaluation.top_k(qf, gf, 200, rerank=rerank)  # k > gallery: the whole ranking
+  np.testing.assert_array_equal(unfiltered, np.argsort(dist, axis=1))

@@ -160,3 +160,15 @@ def adam_moments(opt_state):
   moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
              if ".mu" in jax.tree_util.keystr(path) and ZERO_GRADIENT not in jax.tree_util.keystr(path)]
   return np.concatenate([np.asarray(m, np.float64).ravel() for m in moments])
+
+
+def test_auto_follows_the_devices_compiled_for():
+  """The platform of a mesh, a sharding or a device list picks the forms; within compiling_for the model
+  layers' "auto" (conv_forms() without a backend) takes the target's forms."""
+  mesh = sharding.create_mesh(jax.devices()[:2])
+  assert forms.conv_forms("auto", mesh) == forms.conv_forms("auto", jax.devices()) == forms.CPU
+  assert forms.nonfinite_guard("auto", sharding.batch_sharding(mesh)) == "cond"
+  with forms.compiling_for("tpu") as platform:
+    assert platform == "tpu" and forms.conv_forms() == forms.XLA and forms.nonfinite_guard() == "select"
+    assert forms.conv_impl_name() == "xla" and forms.conv_forms("cpu") == forms.CPU
+  assert forms.conv_forms() == forms.CPU and forms.conv_impl_name() == "cpu"

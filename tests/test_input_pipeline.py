@@ -8,6 +8,7 @@ from PIL import Image
 
 from configs import default as default_config
 from synth_reid_jax import input_pipeline, transforms
+from synth_reid_jax.errors import UserError
 
 HEIGHT, WIDTH = 16, 8
 # Fake source splits: pid -> number of images. pid 0 in the gallery plays Market's distractor.
@@ -365,19 +366,58 @@ def test_random_erase_paints_rectangles_of_the_mean_after_normalisation():
     assert len(rows) < HEIGHT and len(cols) < WIDTH
 
 
-# --- Validation split (the original's data.val) -------------------------------------------------------
+# --- Validation split (the original's data.val and adversarial adv_val) ---------------------------------
 
 
-def _val(config, **kwargs):
-  return input_pipeline.create_val_pipelines(config, 4, 0, 1, data_sources=SOURCES, **kwargs)
+def _val(config, sources=SOURCES):
+  return input_pipeline.create_val_pipelines(config, 4, 0, 1, data_sources=sources)
 
 
 def _val_config(**data):
-  return _config(**{"val": True, "val_ids": 2, **data})
+  """Validation without a target (the baseline's): source identities are held out."""
+  return _config(**{"val": True, "val_ids": 2, "target": "", **data})
+
+
+def _target_stream(config, sources=SOURCES):
+  return input_pipeline.create_target_pipeline(config, 0, 1, data_sources=sources)
+
+
+def _stream_images(stream, epochs=2):
+  """(split, pid) of every image the stream gives in `epochs` epochs."""
+  batches = _take(stream, epochs * stream.steps_per_epoch)
+  return [PID_OF_ID[int(i)] for b in batches for i in _image_ids(b["image"])]
+
+
+def test_method_val_holds_out_target_identities_and_keeps_the_source_whole():
+  """With a target (the method), data.val is the original's adv_val: val_ids identities of the target's train
+  split leave the target stream and are the validation set; the source trains on everything."""
+  config = _config(val=True, val_ids=2)  # target dukemtmc_reid (default.py), read here from SOURCES
+  assert input_pipeline.val_dataset(config) == "dukemtmc_reid"
+  assert input_pipeline.val_name(config) == "dukemtmc_reid-val"
+  val = _val(config)
+  val_pids = sorted(set(val["gallery"].labels.pids.tolist()))
+  assert len(val_pids) == 2 and set(val_pids) <= set(TRAIN_IDS)
+  held_out_images = sum(TRAIN_IDS[p] for p in val_pids)  # every image: n_samples is the source's
+  assert val["gallery"].num_images == held_out_images
+  target = _target_stream(config)
+  assert target.num_images == sum(TRAIN_IDS.values()) - held_out_images
+  seen = _stream_images(target)
+  assert {pid for _, pid in seen} == set(TRAIN_IDS) - set(val_pids)  # held-out identities never train
+  whole = _source(_config())
+  source = _source(config)
+  assert (source.num_images, source.num_classes) == (whole.num_images, whole.num_classes) == (41, 7)
+  # The draw is the target's, one per seed; without data.val the target keeps every image.
+  assert _target_stream(_config()).num_images == sum(TRAIN_IDS.values())
+  def drawn(seed):
+    config = _config(val=True, val_ids=2)
+    config.seed = seed
+    return tuple(sorted(set(_val(config)["gallery"].labels.pids.tolist())))
+  assert drawn(10) == tuple(val_pids) and len({drawn(seed) for seed in range(6)}) > 1
 
 
 def test_val_identities_are_held_out_of_training_and_form_the_val_gallery():
   config = _val_config()
+  assert input_pipeline.val_name(config) == "gta_synthreid-val"
   val = _val(config)
   val_pids = sorted(set(val["gallery"].labels.pids.tolist()))
   assert len(val_pids) == 2 and set(val_pids) <= set(TRAIN_IDS)
@@ -414,24 +454,37 @@ def test_val_gallery_is_the_complement_of_the_trained_train_images():
     assert gallery.labels.filenames.tolist() == expected  # record order
 
 
-def test_val_query_is_the_first_image_of_each_camera_of_each_identity():
-  config = _val_config()
-  val = _val(config)
-  gallery, query = val["gallery"].labels, val["query"].labels
+@pytest.mark.parametrize("target", ["", "dukemtmc_reid"])
+def test_val_query_is_one_image_per_camera_of_each_identity_drawn_with_the_seed(target):
+  def query_of(seed):
+    config = _val_config(target=target)
+    config.seed = seed
+    val = _val(config)
+    return val["gallery"].labels, val["query"].labels
+
+  gallery, query = query_of(10)
+  pairs = set(zip(gallery.pids.tolist(), gallery.camids.tolist()))
+  assert sorted(zip(query.pids.tolist(), query.camids.tolist())) == sorted(pairs)  # one per (pid, camera)
+  position = {name: i for i, name in enumerate(gallery.filenames.tolist())}
+  assert set(position) >= set(query.filenames.tolist())  # the query stays in the gallery, as the original's
+  assert [position[name] for name in query.filenames] == sorted(position[name] for name in query.filenames)
+  assert query_of(10)[1].filenames.tolist() == query.filenames.tolist()  # the same seed, the same query
   firsts = {}
-  for i, (pid, camid) in enumerate(zip(gallery.pids, gallery.camids)):
-    firsts.setdefault((int(pid), int(camid)), i)
-  assert query.filenames.tolist() == [gallery.filenames[i] for i in sorted(firsts.values())]
-  assert len(set(zip(query.pids.tolist(), query.camids.tolist()))) == len(query)
-  assert set(query.filenames.tolist()) <= set(gallery.filenames.tolist())  # as the original's val_gallery
-  for batch in val["query"]:
+  for i, pair in enumerate(zip(gallery.pids.tolist(), gallery.camids.tolist())):
+    firsts.setdefault(pair, i)
+  first_images = [gallery.filenames[i] for i in sorted(firsts.values())]
+  assert any(query_of(seed)[1].filenames.tolist() != first_images for seed in range(4))  # not the first
+  for batch in _val(_val_config(target=target))["query"]:
     mask = batch["mask"]
     assert np.array_equal(batch["pid"][mask], query.pids[batch["index"][mask]])
     assert batch["image"].shape == (4, HEIGHT, WIDTH, 3)
-  assert input_pipeline.val_name(config) == "gta_synthreid-val"
+
+
+def test_val_query_index_draws_each_member_of_a_group():
   labels = input_pipeline.SplitLabels(np.array([5, 5, 5, 4, 5]), np.array([1, 0, 1, 0, 0], np.int32),
                                       np.array([""] * 5))
-  assert input_pipeline.val_query_index(labels).tolist() == [0, 1, 3]
+  picks = {tuple(input_pipeline.val_query_index(labels, seed).tolist()) for seed in range(20)}
+  assert picks == {(0, 1, 3), (0, 3, 4), (1, 2, 3), (2, 3, 4)}  # (5, 1): 0 or 2; (5, 0): 1 or 4; (4, 0): 3
 
 
 def test_val_draw_is_deterministic_per_seed():
@@ -448,10 +501,54 @@ def test_val_draw_is_deterministic_per_seed():
 
 
 def test_val_errors():
-  with pytest.raises(ValueError, match="val_ids=4"):
+  with pytest.raises(UserError, match=r"val_ids=4: the train split of gta_synthreid has 4 identities .*\(at "
+                                      r"most 3\) or set config.data.val=False"):
     _source(_val_config(val_ids=4))
+  with pytest.raises(UserError, match=r"val_ids=200: the train split of dukemtmc_reid has 4 identities"):
+    _target_stream(_config(val=True, val_ids=200))
+  with pytest.raises(UserError, match="dukemtmc_reid has 4 identities"):
+    _val(_config(val=True, val_ids=200))
   with pytest.raises(ValueError, match="val=True"):
     _val(_config())
+
+
+# --- MSMT17's list_val (torchreid: only with combineall) -------------------------------------------------
+
+# An MSMT17-like "val" split: more images of train identities 3 and 9 (list_val.txt).
+VAL_SPLIT_IDS = {3: 2, 9: 3}
+MSMT17_SOURCES = {**SOURCES, "val": _split(VAL_SPLIT_IDS, 3, 500)}
+
+
+def test_msmt17_list_val_joins_only_with_combineall_or_the_key():
+  assert input_pipeline.source_splits(False, extra_train=("val",)) == ("train", "val")
+  assert input_pipeline.source_splits(True, extra_train=("val",)) == ("train", "val", "gallery")
+  target = dict(target="msmt17", source="gta_synthreid")
+  total = sum(TRAIN_IDS.values())
+  assert _target_stream(_config(**target), MSMT17_SOURCES).num_images == total  # list_train alone
+  joined = _config(**target, msmt17_list_val=True)
+  assert _target_stream(joined, MSMT17_SOURCES).num_images == total + sum(VAL_SPLIT_IDS.values())
+  source = dict(source="msmt17", n_samples=0)
+  assert _source(_config(**source, combineall=False), sources=MSMT17_SOURCES).num_images == total
+  merged = _source(_config(**source, combineall=True), sources=MSMT17_SOURCES)
+  assert merged.num_images == total + sum(VAL_SPLIT_IDS.values()) + 30  # + gallery (no distractors here)
+  assert merged.num_classes == 4 + 3  # list_val's identities are train identities
+
+
+def test_held_out_identities_leave_list_val_too():
+  config = _config(target="msmt17", msmt17_list_val=True, val=True, val_ids=2)
+  val_pids = set(_val(config, MSMT17_SOURCES)["gallery"].labels.pids.tolist())
+  stream = _target_stream(config, MSMT17_SOURCES)
+  kept_val = sum(n for pid, n in VAL_SPLIT_IDS.items() if pid not in val_pids)
+  assert stream.num_images == sum(n for pid, n in TRAIN_IDS.items() if pid not in val_pids) + kept_val
+  examples = input_pipeline.build_examples(
+      {s: input_pipeline.read_labels(MSMT17_SOURCES[s]) for s in ("train", "val")}, ("train", "val"), 0, 0,
+      val_ids=2)
+  val_split = MSMT17_SOURCES["val"]
+  for split_index, record_index, label in zip(examples.split_index, examples.record_index, examples.labels):
+    if examples.splits[split_index] == "val":
+      pid = val_split[record_index]["pid"]
+      assert pid not in examples.val_pids
+      assert label == sorted(set(TRAIN_IDS) - set(examples.val_pids.tolist())).index(pid)  # train's label
 
 
 # --- Target restarts (the original's loader re-iterated every source epoch) ----------------------------

@@ -56,15 +56,71 @@ def test_config_errors_are_reported_before_compiling(tmp_path):
   result = run(DEMO_TINY, f"--workdir={tmp_path}", "--config.train.batch_size=6",
                "--config.data.eval_datasets=('market',)")
   assert result.returncode != 0 and "Traceback" not in result.stderr
-  assert "config.data.eval_datasets='market' is not a dataset" in result.stderr
+  assert ("config.data.eval_datasets=('market',); allowed: a tuple of values, each a dataset name"
+          in result.stderr)
   result = run(DEMO_TINY, f"--workdir={tmp_path}", "--config.train.batch_size=6")
   assert "config.train.batch_size=6 is not divisible by the 4 devices" in result.stderr
-  # A workdir that holds a run of another model.
+  # A workdir that holds checkpoints of another model and batch size.
   with open(tmp_path / "config.json", "w") as f:
-    json.dump({"model": {"ngf": 64}}, f)
+    json.dump({"model": {"ngf": 64}, "train": {"batch_size": 8}}, f)
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)
   result = run(DEMO_TINY, f"--workdir={tmp_path}")
-  assert "model.ngf: 64 in" in result.stderr and "Use a fresh --workdir" in result.stderr
-  assert not os.path.exists(tmp_path / "checkpoints")
+  assert "model.ngf: 64 in config.json, 8 now" in result.stderr, result.stderr
+  assert "train.batch_size: 8 in config.json, 4 now" in result.stderr
+  assert "--workdir=<new folder>" in result.stderr
+  result = run(DEMO_TINY, f"--workdir={tmp_path}", "--mode=eval")  # eval: only the shapes matter
+  assert "model.ngf: 64 in config.json, 8 now" in result.stderr and "batch_size" not in result.stderr
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+# --- the command line: each mistake is one line, without the flag list or a traceback ----------------------
+
+CONFIG_FILES = {
+    "no_get_config.py": ("x = 1\n", "defines no get_config()"),
+    "settings.json": ('{"train": {"batch_size": 8}}\n', "defines no get_config()"),
+    "broken.py": ("def get_config(:\n", "is not a Python file (SyntaxError, line 1"),
+    "binary.py": ("\x00\x01\x02", "is not a Python file"),
+    "returns_int.py": ("def get_config(arg=None):\n  return 3\n", "returned int, not an ml_collections"),
+    "raises.py": ("import ml_collections\n\ndef get_config(arg=None):\n  return {}['model']\n",
+                  "raises.py, line 4: KeyError: 'model'"),
+}
+
+
+def assert_one_line(result, expected):
+  err = result.stderr.strip()
+  assert result.returncode != 0 and err.startswith("FATAL ") and expected in err, err
+  assert len(err.splitlines()) == 1 and "Traceback" not in err and "flags:" not in err, err
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_a_config_file_that_is_not_an_experiment_is_one_line(tmp_path, name):
+  text, expected = CONFIG_FILES[name]
+  (tmp_path / name).write_text(text)
+  assert_one_line(run(f"--config={tmp_path / name}", f"--workdir={tmp_path / 'run'}"), expected)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_folder_or_an_unreadable_file_as_config_is_one_line(tmp_path):
+  (tmp_path / "configs.py").mkdir()
+  assert_one_line(run(f"--config={tmp_path / 'configs.py'}", "--workdir=/tmp/unused"), "is a folder")
+  assert_one_line(run(f"--config={tmp_path / 'nope.py'}:tiny", "--workdir=/tmp/unused"),
+                  "nope.py does not exist")
+  unreadable = tmp_path / "secret.py"
+  unreadable.write_text("def get_config(arg=None):\n  return None\n")
+  unreadable.chmod(0)
+  if os.access(unreadable, os.R_OK):
+    pytest.skip("running as root: every file is readable")
+  assert_one_line(run(f"--config={unreadable}", "--workdir=/tmp/unused"), "cannot read")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("stray",), "Unexpected argument(s) stray: launch.py takes only flags"),
+    (("eval",), "(did you mean --mode=eval?)"),
+    (("--mode=translate",), "--mode=translate needs --input_dir and --output_dir"),
+    (("--mode=extract", "--input_dir=/tmp"), "--mode=extract needs --output"),
+])
+def test_stray_arguments_and_missing_mode_flags_are_one_line(args, expected):
+  assert_one_line(run(DEMO_TINY, "--workdir=/tmp/unused", *args), expected)
 
 
 def test_eval_without_checkpoint_prints_devices_then_says_what_to_do(tmp_path):
@@ -72,11 +128,6 @@ def test_eval_without_checkpoint_prints_devices_then_says_what_to_do(tmp_path):
   assert result.returncode != 0
   assert "1 process(es), 4 CPU device(s) (4 local); global batch 4 (1 per device)" in result.stdout
   assert "No checkpoint in" in result.stderr and "Train first" in result.stderr
-
-
-def test_translate_needs_its_directories(tmp_path):
-  result = run(DEMO_TINY, f"--workdir={tmp_path}", "--mode=translate")
-  assert result.returncode != 0 and "--mode=translate needs --input_dir and --output_dir" in result.stderr
 
 
 @pytest.mark.parametrize("flags, env, expected", [

@@ -13,6 +13,7 @@ import pytest
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fakes  # noqa: E402
+import processes  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds per run; the runs take well under a minute each
@@ -36,9 +37,11 @@ def prepare_data(manual_dir, data_dir):
 
 
 def launch_args(workdir, manual_dir, data_dir):
-  return [sys.executable, os.path.join(REPO, "launch.py"), f"--config={REPO}/configs/gta2duke.py:tiny",
-          f"--workdir={workdir}", f"--config.data.manual_dir={manual_dir}",
-          f"--config.data.data_dir={data_dir}", "--config.data.eval_datasets=()"]
+  """launch.py with a foreground shell's signal dispositions, whatever the test run inherited."""
+  return processes.script_command(
+      os.path.join(REPO, "launch.py"), f"--config={REPO}/configs/gta2duke.py:tiny", f"--workdir={workdir}",
+      f"--config.data.manual_dir={manual_dir}", f"--config.data.data_dir={data_dir}",
+      "--config.data.eval_datasets=()")
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +166,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(fake_manual_dir, fak
                               text=True) for command in commands]
     deadline = time.monotonic() + TIMEOUT
     while not (metrics.exists() and metrics.stat().st_size):
-      assert all(proc.poll() is None for proc in procs), "a process ended before training started"
-      assert time.monotonic() < deadline, "timed out waiting for the first step"
+      ended = [i for i, proc in enumerate(procs) if proc.poll() is not None]
+      if ended or time.monotonic() > deadline:
+        for proc in procs:
+          if proc.poll() is None:
+            proc.kill()
+        logs = "\n".join(f"--- process {i} (rc {proc.wait()}):\n{proc.communicate()[0][-3000:]}"
+                         for i, proc in enumerate(procs))
+        what = f"process(es) {ended} ended before training started" if ended else "timed out before step 1"
+        pytest.fail(f"{what}; their output:\n{logs}")
       time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)  # not the process that writes the logs
     outputs = [proc.communicate(timeout=TIMEOUT)[0] for proc in procs]

@@ -191,3 +191,44 @@ def test_a_file_that_is_not_an_npz_is_named(tmp_path):
   path.write_text("not an archive")
   with pytest.raises(import_torch.WeightsFileError, match=rf"Cannot read {path} as an .npz"):
     train_state.create_train_state(baseline_config(str(path)), jax.random.key(0), NUM_CLASSES)
+
+
+# --- The ImageNet files and the start-of-run notice ------------------------------------------------------
+
+
+def _save_torch(path, state_dict, legacy):
+  """A .pth as torchvision published it: resnet50-19c8e357.pth (2017) in torch's legacy format without
+  BatchNorm's num_batches_tracked; resnet50-0676ba61.pth / -11ad3fa6.pth in the zip format with it."""
+  torch = pytest.importorskip("torch")
+  tensors = {k: torch.tensor(v, dtype=torch.int64 if k.endswith("num_batches_tracked") else torch.float32)
+             for k, v in state_dict.items() if not (legacy and k.endswith("num_batches_tracked"))}
+  torch.save(tensors, path, _use_new_zipfile_serialization=not legacy)
+  return str(path)
+
+
+def test_torchreids_and_torchvisions_resnet50_files_convert_alike(tmp_path):
+  """The same key names in both files: the legacy 19c8e357 layout and the current zip one give one .npz."""
+  state_dict = torchvision_state_dict(WIDTH, (STEM_BLOCKS, 1, 1, 1), seed=3)
+  expected = traverse_util.flatten_dict(import_torch.convert_resnet50(state_dict))
+  for name, legacy in (("resnet50-19c8e357.pth", True), ("resnet50-0676ba61.pth", False)):
+    pth = _save_torch(tmp_path / name, state_dict, legacy)
+    with open(pth, "rb") as f:
+      assert (f.read(2) == b"PK") != legacy  # zip archive or legacy pickle
+    npz = str(tmp_path / f"{name}.npz")
+    import_torch.main([f"--resnet50={pth}", f"--output={npz}"])
+    got = traverse_util.flatten_dict(import_torch.load_npz(npz))
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+      np.testing.assert_allclose(got[key], value, rtol=1e-6, err_msg=f"{name}: {'/'.join(key)}")
+
+
+def test_a_baseline_from_random_weights_names_the_converter():
+  notice = import_torch.missing_imagenet_notice(baseline.get_config())
+  assert notice.startswith("NOTE: config.model.pretrained_reid is empty") and "\n" not in notice
+  assert "python -m synth_reid_jax.tools.import_torch --resnet50=<pth> --output=<npz>" in notice
+  given = baseline.get_config()
+  given.model.pretrained_reid = "resnet50.npz"
+  from configs import demo_baseline
+  # The method trains R from scratch in the original; ImageNet weights do not fit the demo's or :tiny's sizes.
+  for config in (given, gta2market.get_config(), demo_baseline.get_config(), baseline.get_config("tiny")):
+    assert import_torch.missing_imagenet_notice(config) is None

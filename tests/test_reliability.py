@@ -267,11 +267,23 @@ def test_ctrl_c_saves_a_checkpoint(launcher, tmp_path):
   assert rc == 130 and "Interrupted" in out and "Traceback" not in out, out[-3000:]
 
 
-def test_a_second_ctrl_c_in_the_loop_quits_at_once():
-  class Writer:
-    def print(self, message):
-      self.message = message
+class Writer:
+  def print(self, message):
+    self.message = message
 
+
+@pytest.fixture
+def sigint(request):
+  """Sets SIGINT's disposition for the test (a test run started in the background inherits it ignored)."""
+  def set_to(handler):
+    signal.signal(signal.SIGINT, handler)
+  before = signal.getsignal(signal.SIGINT)
+  yield set_to
+  signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_in_the_loop_quits_at_once(sigint):
+  sigint(signal.default_int_handler)
   writer = Writer()
   stop = trainer.StopRequest(checkpointer=None, writer=writer)
   try:
@@ -282,6 +294,22 @@ def test_a_second_ctrl_c_in_the_loop_quits_at_once():
   finally:
     stop.close()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(sigint):
+  """nohup / a script's background job: Ctrl-C stays ignored, as asked; SIGTERM still stops with a save."""
+  sigint(signal.SIG_IGN)
+  before_term = signal.getsignal(signal.SIGTERM)
+  stop = trainer.StopRequest(checkpointer=None, writer=Writer())
+  try:
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.raise_signal(signal.SIGINT)
+    assert not stop(1)
+    signal.raise_signal(signal.SIGTERM)
+    assert stop(1)
+  finally:
+    stop.close()
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == before_term
 
 
 # --- Known errors are a line or a few ------------------------------------------------------------------
@@ -302,6 +330,80 @@ def test_known_errors_print_without_a_traceback(launcher, tmp_path, args, messag
   rc, out = finish(launcher(tmp_path / "run", *other, **kwargs))
   assert rc != 0 and message in out, out[-3000:]
   assert "Traceback" not in out and len(out.strip().splitlines()) <= 12, out[-3000:]
+
+
+# --- A start that fails leaves the workdir as it was; a resume keeps what the checkpoints mean ------------
+
+
+def assert_fatal(rc, out, *named):
+  """A known error: non-zero exit, a FATAL message of a few lines naming `named`, no traceback."""
+  assert rc not in (0, None) and "Traceback" not in out and "FATAL " in out, out[-3000:]
+  fatal = out[out.index("FATAL "):].strip().splitlines()
+  assert len(fatal) <= 6, out[-3000:]
+  for text in named:
+    assert text in out, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def launched(launcher, tmp_path_factory):
+  """A workdir launch.py trained for 2 steps (checkpoint 2)."""
+  workdir = tmp_path_factory.mktemp("launched")
+  rc, out = finish(launcher(workdir, "--config.train.num_steps=2"))
+  assert rc == 0 and os.listdir(workdir / "checkpoints") == ["2"], out[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_a_value_the_data_refuses_stops_before_config_json_and_the_fix_runs(launcher, tmp_path):
+  # The fake GTA train split has 3 identities: holding 3 out for validation leaves none to train.
+  rc, out = finish(launcher(tmp_path, "--config.data.val=True", "--config.data.val_ids=3"))
+  assert_fatal(rc, out, "config.data.val_ids=3", "3 identities")
+  assert not os.path.exists(tmp_path / "config.json") and not os.path.exists(tmp_path / "checkpoints")
+  # The corrected command (no validation) runs on the same workdir: the failed start bound it to nothing.
+  rc, out = finish(launcher(tmp_path, "--config.train.num_steps=2"))
+  assert rc == 0 and os.listdir(tmp_path / "checkpoints") == ["2"], out[-3000:]
+  assert json.loads((tmp_path / "config.json").read_text())["data"]["val"] is False
+
+
+@pytest.mark.slow
+def test_a_bad_eval_value_is_refused_before_training_and_loses_nothing(launched, launcher, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(launched, workdir)
+  before = digest(workdir)
+  rc, out = finish(launcher(workdir, "--config.train.num_steps=4", "--config.eval.batch_size=0"))
+  assert_fatal(rc, out, "config.eval.batch_size=0; allowed: an integer >= 1")
+  assert digest(workdir) == before  # checkpoint, config.json and metrics untouched
+  rc, out = finish(launcher(workdir, "--config.train.num_steps=4"))  # corrected: resumes from step 2
+  assert rc == 0 and "Resumed from" in out, out[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"] and steps_logged(workdir) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_resume_that_changes_what_the_checkpoint_means_is_refused(launched, launcher, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(launched, workdir)
+  before = digest(workdir)
+  rc, out = finish(launcher(workdir, "--config.train.num_steps=4", "--config.train.batch_size=8",
+                            "--config.data.target=market1501"))
+  assert_fatal(rc, out, "Cannot resume", "train.batch_size: 4 in config.json, 8 now",
+               "data.target: 'dukemtmc_reid' in config.json, 'market1501' now", "--workdir=<new folder>")
+  assert digest(workdir) == before
+
+
+def test_a_failed_evaluation_keeps_the_training(data_dirs, tmp_path, monkeypatch):
+  """An error at an evaluation (here: a dataset gone since the start) saves that step's checkpoint first."""
+  monkeypatch.setattr(train_step, "make_train_step", scripted(lambda n: 1.0))
+  monkeypatch.setattr(trainer.train_state, "create_train_state", tiny_state)
+
+  def gone(self, variables, step, **kwargs):
+    raise errors.DatasetMissingError("market1501: the folder is gone")
+
+  monkeypatch.setattr(evaluator.Evaluator, "run", gone)
+  monkeypatch.setattr(trainer, "save_samples", lambda *args: None)  # the scripted state has no generator
+  config = tiny_config(data_dirs, num_steps=3, checkpoint_every_steps=100, sample_every_steps=100)
+  with pytest.raises(errors.DatasetMissingError, match="the folder is gone"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
 
 
 # --- Failed saves and divergence (the real loop around a scripted step) ----------------------------------

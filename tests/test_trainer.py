@@ -23,10 +23,12 @@ from synth_reid_jax import (  # noqa: E402
     config_checks,
     evaluator,
     inference,
+    input_pipeline,
     metric_writer,
     train_step,
     trainer,
 )
+from synth_reid_jax.tools import import_torch  # noqa: E402
 from synth_reid_jax.train_state import TrainState  # noqa: E402
 
 LOSSES = train_step.LOSS_METRICS
@@ -181,11 +183,15 @@ def test_eval_without_checkpoint_is_a_clear_error(data_dirs, tmp_path):
 def test_workdir_from_another_config_is_refused(data_dirs, tmp_path):
   config = tiny_config(data_dirs)
   config_checks.write_config(config, str(tmp_path))
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)  # what the run left: a checkpoint of that config
   other = tiny_config(data_dirs)
   other.model.ngf = 16
   other.data.source = "market1501"
-  with pytest.raises(ValueError, match=r"model.ngf: 8 in .*config.json, 16 now[\s\S]*data.source"):
+  with pytest.raises(ValueError) as error:
     trainer.train_and_evaluate(other, str(tmp_path))
+  for line in ("model.ngf: 8 in config.json, 16 now",
+               "data.source: 'gta_synthreid' in config.json, 'market1501' now"):
+    assert line in str(error.value)
   config_checks.check_workdir_config(tiny_config(data_dirs), str(tmp_path))  # the same config is fine
 
 
@@ -216,7 +222,7 @@ def test_config_json_is_replaced_whole(data_dirs, tmp_path, monkeypatch):
 def test_unknown_dataset_and_batch_size_fail_before_compiling(data_dirs, tmp_path):
   config = tiny_config(data_dirs)
   config.data.eval_datasets = ("market",)
-  with pytest.raises(ValueError, match="config.data.eval_datasets='market' is not a dataset"):
+  with pytest.raises(ValueError, match=r"config.data.eval_datasets=\('market',\); allowed: .*a dataset name"):
     trainer.train_and_evaluate(config, str(tmp_path))
   config = tiny_config(data_dirs)
   config.train.batch_size = 6
@@ -317,20 +323,66 @@ def test_sigterm_saves_a_checkpoint_and_returns(data_dirs, tmp_path, monkeypatch
   assert signal.getsignal(signal.SIGTERM) == previous  # the trainer's handler is gone again
 
 
-@pytest.mark.slow
-def test_validation_split_is_evaluated_and_picks_the_best_checkpoint(data_dirs, tmp_path, compilation_cache):
-  """data.val: identities held out of the source's training split are evaluated as query/gallery during
-  training (eval/<source>-val.json) and rank the kept "best" checkpoint, never a test set."""
-  del compilation_cache
-  config = tiny_config(data_dirs, num_steps=2)
-  config.data.val, config.data.val_ids = True, 2
-  trainer.train_and_evaluate(config, str(tmp_path))
-  results = json.load(open(tmp_path / "eval" / "gta_synthreid-val.json"))
-  assert results["dataset"] == "gta_synthreid-val" and results["step"] == 2 and results["num_query"] > 0
-  assert os.path.exists(tmp_path / "eval" / "market1501.json")  # the test set is still reported
-  checkpointer = checkpointing.Checkpointer(str(tmp_path))
+@pytest.fixture(scope="module")
+def more_ids_dirs(tmp_path_factory):
+  """(manual_dir, data_dir) of fake trees whose GTA and Duke train splits can lose identities to data.val."""
+  import fakes
+  return (fakes.make_more_ids(str(tmp_path_factory.mktemp("manual_more_ids"))),
+          str(tmp_path_factory.mktemp("data_more_ids")))
+
+
+def _selection(workdir, step):
+  checkpointer = checkpointing.Checkpointer(str(workdir))
   try:
-    selection = checkpointer.metadata(2)["selection"]
+    return checkpointer.metadata(step)["selection"]
   finally:
     checkpointer.close()
-  assert selection == {"selected_on": "gta_synthreid-val", "mAP": pytest.approx(results["mAP"])}
+
+
+@pytest.mark.slow
+def test_method_validates_on_held_out_target_identities(more_ids_dirs, tmp_path, compilation_cache):
+  """data.val on a method config is the original's adversarial val: val_ids identities of the target's train
+  split leave the target stream and are evaluated (eval/<target>-val.json), ranking the kept "best"
+  checkpoint; the source stays whole and has no validation."""
+  del compilation_cache
+  config = tiny_config(more_ids_dirs, num_steps=2)  # gta2duke:tiny
+  config.data.val, config.data.val_ids = True, 3
+  trainer.train_and_evaluate(config, str(tmp_path))
+  results = json.load(open(tmp_path / "eval" / "dukemtmc_reid-val.json"))
+  assert results["dataset"] == "dukemtmc_reid-val" and results["step"] == 2 and results["num_query"] > 0
+  assert not os.path.exists(tmp_path / "eval" / "gta_synthreid-val.json")
+  assert os.path.exists(tmp_path / "eval" / "market1501.json")  # the test set is still reported
+  assert _selection(tmp_path, 2) == {"selected_on": "dukemtmc_reid-val", "mAP": pytest.approx(results["mAP"])}
+  # What the run trained on: the target stream leaves the held-out identities out, the source keeps all.
+  labels = input_pipeline.split_labels(config, "dukemtmc_reid", "train")
+  examples = input_pipeline._target_examples(config, {"train": labels}, ("train",))
+  held_out = set(examples.val_pids.tolist())
+  assert len(held_out) == 3 and results["num_gallery"] == np.isin(labels.pids, list(held_out)).sum()
+  assert held_out.isdisjoint(labels.pids[examples.record_index].tolist())
+  target = input_pipeline.create_target_pipeline(config, 0, 1, source_steps_per_epoch=1)
+  assert target.num_images == len(examples) == len(labels) - results["num_gallery"]
+  source = input_pipeline.create_source_pipeline(config, 0, 1)
+  whole = input_pipeline.create_source_pipeline(tiny_config(more_ids_dirs), 0, 1)
+  assert (source.num_images, source.num_classes) == (whole.num_images, whole.num_classes)
+
+
+@pytest.mark.slow
+def test_baseline_validates_on_held_out_source_identities(more_ids_dirs, tmp_path, compilation_cache,
+                                                          monkeypatch, capsys):
+  """Without a target (the baseline) data.val holds source identities out (eval/gta_synthreid-val.json); a
+  run from random weights where the original started from ImageNet says so in one line."""
+  del compilation_cache
+  config = baseline.get_config("tiny")
+  config.data.manual_dir, config.data.data_dir = more_ids_dirs
+  config.data.eval_datasets = ("market1501",)
+  config.data.val, config.data.val_ids = True, 2
+  config.train.num_steps = 2
+  # The notice is for a ResNet-50 that ImageNet weights fit: let the tiny one stand for it.
+  monkeypatch.setitem(import_torch.IMAGENET_RESNET50, "reid_width", config.model.reid_width)
+  monkeypatch.setitem(import_torch.IMAGENET_RESNET50, "reid_stages", tuple(config.model.reid_stages))
+  trainer.train_and_evaluate(config, str(tmp_path))
+  results = json.load(open(tmp_path / "eval" / "gta_synthreid-val.json"))
+  assert results["dataset"] == "gta_synthreid-val" and results["num_query"] > 0
+  assert _selection(tmp_path, 2)["selected_on"] == "gta_synthreid-val"
+  notices = [line for line in capsys.readouterr().out.splitlines() if "pretrained_reid is empty" in line]
+  assert len(notices) == 1 and import_torch.CONVERT_COMMAND in notices[0]

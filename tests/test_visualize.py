@@ -34,6 +34,45 @@ def test_ranked_gallery_skips_same_camera_matches():
   np.testing.assert_array_equal(correct, [True, False, True])
 
 
+def argsort_ranking(dist_row, q_pid, q_cam, g_pids, g_cams, topk):
+  """torchreid's visrank order: a full argsort of the row, same pid + camid dropped."""
+  order = np.argsort(dist_row)
+  kept = order[~((g_pids[order] == q_pid) & (g_cams[order] == q_cam))]
+  return kept[:topk]
+
+
+@pytest.mark.parametrize("values", [1000, 3])  # continuous-ish, and heavy ties
+def test_ranked_gallery_equals_a_full_argsort(values):
+  rng = np.random.default_rng(values)
+  dist = rng.integers(0, values, (6, 200)).astype(np.float32)
+  dist[2, 5] = np.nan
+  q_pids, q_cams = rng.integers(0, 4, 6), rng.integers(0, 2, 6)
+  g_pids, g_cams = rng.integers(0, 4, 200), rng.integers(0, 2, 200)
+  for q in range(6):
+    for topk in (1, 10, 200):
+      gallery, correct = visualize.ranked_gallery(dist, q_pids, g_pids, q_cams, g_cams, q, topk)
+      expected = argsort_ranking(dist[q], q_pids[q], q_cams[q], g_pids, g_cams, topk)
+      np.testing.assert_array_equal(gallery, expected)
+      np.testing.assert_array_equal(correct, g_pids[expected] == q_pids[q])
+
+
+def test_visrank_from_top_k_lists_draws_the_same_pictures(tmp_path):
+  from synth_reid_jax import evaluation
+  rng = np.random.default_rng(1)
+  qf, gf = rng.standard_normal((2, 8)).astype(np.float32), rng.standard_normal((5, 8)).astype(np.float32)
+  _, q_pids, g_pids, q_cams, g_cams = ranking_problem()
+  queries, gallery = [solid(0), solid(50)], [solid(20 * i) for i in range(5)]
+  ranked, _ = evaluation.top_k(qf, gf, TOPK, q_pids=q_pids, g_pids=g_pids, q_camids=q_cams, g_camids=g_cams)
+  from_lists = visualize.visrank(None, q_pids, g_pids, q_cams, g_cams, queries, gallery, str(tmp_path / "a"),
+                                 topk=TOPK, height=HEIGHT, width=WIDTH, ranked=ranked)
+  from_matrix = visualize.visrank(evaluation.distance_matrix(qf, gf), q_pids, g_pids, q_cams, g_cams, queries,
+                                  gallery, str(tmp_path / "b"), topk=TOPK, height=HEIGHT, width=WIDTH)
+  for a, b in zip(from_lists, from_matrix):
+    np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+  with pytest.raises(ValueError, match="`ranked`"):
+    visualize.visrank(None, q_pids, g_pids, q_cams, g_cams, queries, gallery, str(tmp_path))
+
+
 def test_visrank_from_paths(tmp_path):
   paths = []
   for i in range(7):

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from synth_reid_jax.datasets import builders, parsing
+from synth_reid_jax.errors import UserError
 
 
 def parse_args(argv):
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     with contextlib.redirect_stdout(sys.stderr):
       builder = builders.get_builder(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir)
       summary = builders.summarize(builder)
-  except (ValueError, FileNotFoundError) as e:
+  except (UserError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   if args.json:

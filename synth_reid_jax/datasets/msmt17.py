@@ -4,7 +4,9 @@ The release keeps its images in per-identity folders under a train and a test fo
 faces, only renames them) and lists every split in a text file next to them, one `<relative path> <pid>` per
 line. Identities are 0-based and numbered separately in train and test; the camera is the third `_` field of
 the file name (`0000_000_01_0303morning_0015_0.jpg`: identity 0, image 0, camera 1, day and time slot, frame,
-box). Like torchreid, only listed images are read and the pid comes from the list, not from the name.
+box). Like torchreid, only listed images are read and the pid comes from the list, not from the name. As
+torchreid, train is list_train.txt alone; list_val.txt (more images of the train identities) is a fourth
+split, "val", that the input pipeline adds to training only on request (input_pipeline.EXTRA_TRAIN_SPLITS).
 """
 
 import os
@@ -18,15 +20,18 @@ DOC = "msmt17.md"
 VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
 # torchreid keeps the release under <root>/msmt17; it may also sit directly in manual_dir.
 BASE_DIRS = ("msmt17", "")
-# The list files of each split and whether their paths are relative to the train or the test images. The
+# The list file of each split and whether its paths are relative to the train or the test images. The
 # release's training set is list_train + list_val (32,621 images, the number of the MSMT17 paper and of
-# torchreid's summary); torchreid's loader adds list_val only with combineall=True, so its plain train split
-# has list_train's 30,248 images.
+# torchreid's summary), but torchreid's loader adds list_val only with combineall=True (its note: numbers
+# trained with it are not comparable with published ones), so its train split has list_train's 30,248 images:
+# so does ours, and list_val is the split "val".
 SPLIT_LISTS = {
-    "train": ("train", ("list_train.txt", "list_val.txt")),
-    "query": ("test", ("list_query.txt",)),
-    "gallery": ("test", ("list_gallery.txt",)),
+    "train": ("train", "list_train.txt"),
+    "val": ("train", "list_val.txt"),
+    "query": ("test", "list_query.txt"),
+    "gallery": ("test", "list_gallery.txt"),
 }
+SPLITS = tuple(SPLIT_LISTS)
 LIST_FILES = ("list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt")
 CAMERAS = (1, 15)  # 1-based camera numbers in the file names
 CAMERA_FIELD = 2  # index of the camera among the `_`-separated fields of a file name
@@ -116,7 +121,7 @@ def read_list(list_path: str, images_dir: str) -> list[tuple[parsing.Sample, int
 
 
 def parse_splits(manual_dir: str) -> dict[str, list[parsing.Sample]]:
-  """The train (list_train + list_val), query and gallery samples of the release under manual_dir."""
+  """The train (list_train), val (list_val), query and gallery samples of the release under manual_dir."""
   release, version = find_release(manual_dir)
   image_dirs = dict(zip(("train", "test"), (os.path.join(release, d) for d in VERSIONS[version])))
   for kind, folder in image_dirs.items():
@@ -126,24 +131,25 @@ def parse_splits(manual_dir: str) -> dict[str, list[parsing.Sample]]:
           f"manual_dir:\n{expected_layout()}\n{help_text()}"
       )
   splits = {}
-  for split, (kind, list_names) in SPLIT_LISTS.items():
-    samples, seen = [], {}
-    for list_name in list_names:
-      list_path = os.path.join(release, list_name)
-      for sample, line_number in read_list(list_path, image_dirs[kind]):
-        here = f"line {line_number} of {list_path}"
-        if sample.filename in seen:
-          # Records are keyed by file name, and torchreid would read the image twice.
-          raise DatasetError(
-              f"{NAME}: {sample.filename} is listed twice in split '{split}' ({seen[sample.filename]} and "
-              f"{here}). Delete one of the lines."
-          )
-        seen[sample.filename] = here
-        samples.append(sample)
+  # Records are keyed by file name, and a training image listed twice would train twice (train and val may
+  # be merged): a name is checked against every list of its image folder.
+  seen = {kind: {} for kind in image_dirs}
+  for split, (kind, list_name) in SPLIT_LISTS.items():
+    samples = []
+    list_path = os.path.join(release, list_name)
+    for sample, line_number in read_list(list_path, image_dirs[kind]):
+      here = f"line {line_number} of {list_path}"
+      if sample.filename in seen[kind]:
+        raise DatasetError(
+            f"{NAME}: {sample.filename} is listed twice in split '{split}' ({seen[kind][sample.filename]} "
+            f"and {here}). Delete one of the lines."
+        )
+      seen[kind][sample.filename] = here
+      samples.append(sample)
     if not samples:
       raise DatasetError(
-          f"{NAME}: split '{split}' is empty: {' and '.join(list_names)} in {release} list no image. Restore "
-          f"the list files from the release. {help_text()}"
+          f"{NAME}: split '{split}' is empty: {list_name} in {release} lists no image. Restore the list "
+          f"files from the release. {help_text()}"
       )
     splits[split] = samples
   return splits

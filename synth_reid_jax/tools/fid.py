@@ -25,6 +25,7 @@ from PIL import Image
 from scipy import linalg
 
 from synth_reid_jax import sharding
+from synth_reid_jax.datasets.images import to_rgb
 from synth_reid_jax.models import inception
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def load_image(path: str, resize: tuple[int, int] | None = None) -> np.ndarray:
   """
   try:
     with Image.open(path) as image:
-      image = image.convert("RGB")
+      image = to_rgb(image, f"image {path}")
       if resize is not None:
         image = image.resize(resize[::-1], Image.BILINEAR)
       pixels = np.asarray(image, np.float32) / PIXEL_MAX

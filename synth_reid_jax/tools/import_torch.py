@@ -11,6 +11,11 @@ torchvision's ResNet-50 (a local .pth state dict) -> an .npz for config.model.pr
 holds the baseline's stem (conv1, bn1, layer1) under "stem/..." and stages 2-4 under "reid/..."; with
 config.model.pretrained_reid pointing at it, train_state.create_train_state starts the baselines' stem and R's
 stages 2-4 (for the method too) from it (read_pretrained).
+Every torchvision ImageNet ResNet-50 file has these key names and converts: resnet50-19c8e357.pth (what
+torchreid's model_urls download, so the original's baseline started from it; torch's legacy format, without
+BatchNorm's num_batches_tracked), resnet50-0676ba61.pth (torchvision's IMAGENET1K_V1: the same recipe and
+top-1, in the zip format) and resnet50-11ad3fa6.pth (IMAGENET1K_V2, torchvision's default since 0.13: a newer
+training recipe, not what the original started from).
 
 Reading .pth files needs the optional [torch] extra; the conversion itself works on numpy arrays.
 """
@@ -30,7 +35,7 @@ import numpy as np
 from flax import traverse_util
 
 from synth_reid_jax.errors import ConfigError, UserError
-from synth_reid_jax.models import Discriminator, Generator, Projector, ReIDNet, ResNetStem
+from synth_reid_jax.models import BASELINE_BACKBONES, Discriminator, Generator, Projector, ReIDNet, ResNetStem
 
 # The original's checkpoint folders and the name of each network here.
 NETWORKS = {"generator": "generator", "discriminator": "discriminator", "id_net": "reid", "mlp": "projector"}
@@ -321,6 +326,23 @@ class WeightsFileMissingError(UserError, FileNotFoundError):
 
 class WeightsFileError(UserError, ValueError):
   """A weights file that cannot be read as an .npz."""
+
+
+# The ResNet-50 that ImageNet files fit (config.model sizes); other widths (the demo, :tiny) cannot use them.
+IMAGENET_RESNET50 = {"reid_width": 64, "reid_stages": (4, 6, 3)}
+CONVERT_COMMAND = "python -m synth_reid_jax.tools.import_torch --resnet50=<pth> --output=<npz>"
+
+
+def missing_imagenet_notice(config) -> str | None:
+  """The line a run prints when it trains a baseline ResNet-50 from random weights where the original's
+  baseline started from ImageNet (config.model.pretrained_reid empty); None otherwise."""
+  model = config.model
+  fits = (model.reid_width, tuple(model.reid_stages)) == tuple(IMAGENET_RESNET50.values())
+  if model.backbone not in BASELINE_BACKBONES or model.get("pretrained_reid", "") or not fits:
+    return None
+  return ("NOTE: config.model.pretrained_reid is empty, so the ResNet-50 starts from random weights; the "
+          "original's baseline starts from ImageNet. Convert resnet50-19c8e357.pth (torchreid's file) once "
+          f"with `{CONVERT_COMMAND}` and pass --config.model.pretrained_reid=<npz>.")
 
 
 def load_npz(path) -> dict:
