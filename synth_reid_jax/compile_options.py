@@ -2,7 +2,7 @@
 
 jaxlib 0.10's XLA:CPU hands convolutions and matrix products to YNNPACK. Its matrix products are fast, but
 its kernel gradients of convolutions (contracting over a batch 2-8 wide) are slower than XLA's Eigen kernels,
-so YNNPACK keeps the matrix products only ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"; README, Performance). Only
+so YNNPACK keeps the matrix products only ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"; docs/performance.md). Only
 where the work runs changes: same operations, float32 throughout.
 
 On a jaxlib without the option (older or newer), nothing is set; on GPU and TPU nothing is set. The platform

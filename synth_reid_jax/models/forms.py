@@ -9,7 +9,7 @@ shardings) is for the default device, where such a program runs.
 Every layer kind below has two forms that compute the same function (tests/test_forms.py checks outputs,
 gradients and a whole train step against each other in float32):
 - "xla": the plain `lax` convolution, which GPU and TPU convolution libraries handle well;
-- "cpu": a rewrite chosen from XLA:CPU timings (README, Performance; benchmarks/conv_forms.py times both).
+- "cpu": a rewrite chosen from XLA:CPU timings (docs/performance.md; benchmarks/conv_forms.py times both).
 `config.model.conv_impl` picks them: "auto" (default) takes AUTO[backend], "xla" or "cpu" every kind's form
 of that name on any backend.
 """
@@ -124,7 +124,7 @@ def conv_impl_name(conv_impl: str = "auto", backend=None) -> str:
 # - "select": every updated array chosen elementwise between its new and old value (jnp.where) - the form the
 #   GPU numbers in the README were measured with;
 # - "cond": the whole update inside one lax.cond on the finiteness flag. On XLA:CPU the selects quadruple the
-#   full-size step's compile time (71 s vs 21 s) and cost 5% of its step time (README, Performance).
+#   full-size step's compile time (71 s vs 21 s) and cost 5% of its step time (docs/performance.md).
 # Both leave the same state (tests/test_train_step.py); "auto" takes NONFINITE_GUARD_AUTO[backend].
 NONFINITE_GUARDS = ("auto", "select", "cond")
 NONFINITE_GUARD_AUTO = {"cpu": "cond"}  # other backends: "select" until "cond" is measured faster there

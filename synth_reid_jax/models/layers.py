@@ -24,7 +24,7 @@ BN_MOMENTUM = 0.1  # torch's BatchNorm momentum: running = (1 - m) * running + m
 KAIMING_GAIN_SQ = 2.0  # kaiming_normal_(a=0): std = sqrt(2 / fan)
 BNNECK_SCALE_STD = 0.02  # the original draws BatchNorm1d weights from N(1, 0.02)
 # Strided convolutions reading this few channels keep autodiff's input gradient in the CPU forms: XLA:CPU
-# runs convolutions producing so few channels far below their FLOP rate (README, Performance).
+# runs convolutions producing so few channels far below their FLOP rate (docs/performance.md).
 NARROW_CHANNELS = 4
 
 # The original initialises every module with weights_init_kaiming: conv weights kaiming-normal over fan_in,
@@ -65,7 +65,7 @@ def pixels_view(x: jax.Array) -> jax.Array:
 
   Reductions over pixels (norm statistics, bias gradients) run on this view: XLA:CPU rewrites a sum over H
   and W into 32x32 reduce-windows plus a final sum, and over one flattened axis the same sum runs faster
-  (README, Performance); elsewhere it is the same reduction.
+  (docs/performance.md); elsewhere it is the same reduction.
   """
   n, h, w, c = x.shape
   return x.reshape(n, h * w, c)

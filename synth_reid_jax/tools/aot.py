@@ -223,8 +223,6 @@ def compile_program(jitted, args, name: str) -> dict[str, Any]:
   return {"program": name, "compiled": compiled, "compile_seconds": seconds, "memory_per_device":
           memory(compiled), "flops_per_device": float(cost.get("flops", 0.0)),
           "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
-          # XLA:TPU's own cost model of the step (absent on other backends): a cross-check of the floor.
-          "xla_optimal_seconds": cost.get("optimal_seconds"),
           "convolutions": convolution_count(text), "checks": program_checks(lowered.as_text(), text)}
 
 
@@ -292,7 +290,6 @@ def compile_for_topology(config, topology: str, num_classes: int, serialize_to: 
       "convolutions": train.get("convolutions"),
       "checks": train.get("checks"),
       "error": train.get("error"),
-      "xla_optimal_seconds": train.get("xla_optimal_seconds"),
       "hbm_required_per_device": train.get("hbm_required_per_device"),
       "feature_extractor": {key: value for key, value in extract.items()
                             if key not in ("compiled", "program")} | {"batch": config.eval.batch_size},
