@@ -31,6 +31,9 @@ CONFIG_FILE = "config.json"
 SHAPE_KEYS = ("model.backbone", "model.ngf", "model.n_blocks", "model.ndf", "model.projector_dim",
               "model.reid_stages", "model.reid_width", "loss.nce_layers", "data.source", "data.combineall",
               "data.combineall_query", "data.val", "data.val_ids")
+# With a target, validation holds out target identities: the source's classes, so the classifier's width,
+# stay whatever data.val says, and a run trained with validation is evaluated without it.
+_SOURCE_VAL_KEYS = ("data.val", "data.val_ids")
 # The only keys a resumed run may change: how long it trains, how it is observed, evaluated and saved, where
 # the datasets are read from and how fast. Every other key fixes what the checkpoints mean (batches, data,
 # augmentation, model, losses, schedule, optimisers, seed) and must keep the value it had.
@@ -434,7 +437,11 @@ def check_workdir_config(config, workdir, resume=False):
     raise ConfigError(f"Cannot read {path} ({e}). Restore it from a backup, or move it away if this workdir "
                      "is to start over with the current config.") from e
   new = flatten(config_json(config))
-  keys = [key for key in old if key not in RESUMABLE_KEYS] if resume else SHAPE_KEYS
+  if resume:
+    keys = [key for key in old if key not in RESUMABLE_KEYS]
+  else:
+    with_target = old.get("data.target") and new.get("data.target")
+    keys = [key for key in SHAPE_KEYS if not (key in _SOURCE_VAL_KEYS and with_target)]
   differ = [f"{key}: {_shown(old[key])} in config.json, {_shown(new.get(key))} now"
             for key in keys if key in old and key in new and old[key] != new[key]]
   if not differ:

@@ -245,6 +245,22 @@ def test_resume_refuses_a_change_of_what_the_checkpoints_mean(tmp_path):
   config_checks.check_workdir_config(changed, workdir)  # eval reads the same shapes: not refused
 
 
+def test_eval_ignores_target_validation_but_not_source_validation(tmp_path):
+  """With a target, data.val holds out target identities (the classifier keeps every source identity), so a
+  run trained with validation is evaluated without it; a baseline's validation changes its classes."""
+  trained = load("gta2duke", "tiny")
+  trained.data.val = True
+  (tmp_path / "method").mkdir()
+  workdir = trained_workdir(tmp_path / "method", trained)
+  config_checks.check_workdir_config(load("gta2duke", "tiny"), workdir)
+  trained = load("baseline", "tiny")
+  trained.data.val = True
+  (tmp_path / "baseline").mkdir()
+  workdir = trained_workdir(tmp_path / "baseline", trained)
+  with pytest.raises(ValueError, match="data.val: True in config.json, False now"):
+    config_checks.check_workdir_config(load("baseline", "tiny"), workdir)
+
+
 def test_resume_accepts_the_resumable_keys(tmp_path):
   workdir = trained_workdir(tmp_path, load("gta2duke", "tiny"))
   changed = load("gta2duke", "tiny")

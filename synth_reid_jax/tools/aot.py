@@ -29,17 +29,24 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/gta2duke.py (or configs/gta2duke.py:tiny); "
-    "override any key with --config.<key>=<value>.", lock_config=True)
-flags.DEFINE_string("topology", None, "libtpu topology name: <generation>:<chips per axis>, e.g. v5e:2x2, "
-                    "v5e:4x4, v6e:2x2, v4:2x2x1, v5p:2x2x1 (v4 and v5p count one device per chip, megacore).")
-flags.DEFINE_integer("num_classes", 538, "Source identities (the re-ID classifier's width).")
-flags.DEFINE_bool("json", False, "End stdout with one JSON object of the results.")
-flags.DEFINE_string("serialize", None, "Write the compiled train step to this file (jax's "
-                    "serialize_executable, pickled), for a TPU VM with the same jax/jaxlib/libtpu and "
-                    "topology to load.")
-flags.mark_flags_as_required(["config", "topology"])
+
+
+def define_flags():
+  """The command line's flags, defined when the tool runs, not on import: launch.py defines --config too, and
+  the tests import both into one process."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file, e.g. configs/gta2duke.py (or configs/gta2duke.py:tiny); "
+      "override any key with --config.<key>=<value>.", lock_config=True)
+  flags.DEFINE_string("topology", None, "libtpu topology name: <generation>:<chips per axis>, e.g. v5e:2x2, "
+                      "v5e:4x4, v6e:2x2, v4:2x2x1, v5p:2x2x1 (v4 and v5p count one device per chip, "
+                      "megacore).")
+  flags.DEFINE_integer("num_classes", 538, "Source identities (the re-ID classifier's width).")
+  flags.DEFINE_bool("json", False, "End stdout with one JSON object of the results.")
+  flags.DEFINE_string("serialize", None, "Write the compiled train step to this file (jax's "
+                      "serialize_executable, pickled), for a TPU VM with the same jax/jaxlib/libtpu and "
+                      "topology to load.")
+  flags.mark_flags_as_required(["config", "topology"])
+
 
 INSTALL_LINE = 'pip install "synth-reid-jax[tpu]" (or pip install "jax[tpu]=={version}")'
 # libtpu's pattern for topology names ("v5litepod-8"-style accelerator types are not topologies).
@@ -341,7 +348,7 @@ def main(argv):
   from synth_reid_jax import config_checks
   from synth_reid_jax.errors import UserError
 
-  config = _CONFIG.value
+  config = FLAGS.config
   try:
     config_checks.validate_config(config, reference=default.get_config())
     report = compile_for_topology(config, FLAGS.topology, FLAGS.num_classes, FLAGS.serialize)
@@ -353,4 +360,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
