@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-from synth_reid_jax import checkpointing, features, inference, sharding, transforms
+from synth_reid_jax import checkpointing, features, inference, sharding, storage, transforms
 from synth_reid_jax.errors import ConfigError, InputFilesError
 from synth_reid_jax.models import build_models
 from synth_reid_jax.models.layers import canonical_dtype
@@ -55,7 +55,7 @@ def check_output(output, workdir, overwrite=False):
   checkpoints/, or already holds an artefact (unless `overwrite`)."""
   output = os.path.abspath(os.path.expanduser(output))
   checkpoints = checkpointing.checkpoint_dir(workdir)
-  if inference._inside(output, checkpoints):
+  if storage.inside(output, checkpoints):
     raise InputFilesError(f"--output {output} lies inside the checkpoint folder {checkpoints}, which Orbax "
                           "owns; export elsewhere (e.g. --output=<workdir>/export).")
   if os.path.exists(output) and not os.path.isdir(output):

@@ -160,16 +160,11 @@ def _folder_stream(config, input_dir, paths):
                                              transform=_SkipUnreadable(config))
 
 
-def _inside(path, folder):
-  path, folder = os.path.realpath(path), os.path.realpath(folder)
-  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def check_translate_output(input_dir, output_dir, paths, overwrite=False):
   """Refuses, before any work, an output folder that is or lies inside the input folder, that cannot be
   written (a file in its way, a read-only or full disk), or that already holds output files (unless
   `overwrite`)."""
-  if _inside(output_dir, input_dir):
+  if storage.inside(output_dir, input_dir):
     where = "is" if os.path.realpath(output_dir) == os.path.realpath(input_dir) else "lies inside"
     raise InputFilesError(f"--output_dir {output_dir} {where} --input_dir {input_dir}: translate would write "
                           "over or next to its own input. Use an --output_dir outside the input folder.")
@@ -191,7 +186,7 @@ def extract_output_path(output, input_dir, overwrite=False):
   output = os.path.abspath(os.path.expanduser(output))
   if not output.endswith(".npz"):
     output += ".npz"
-  if _inside(output, input_dir):
+  if storage.inside(output, input_dir):
     raise InputFilesError(f"--output {output} lies inside --input_dir {input_dir}; write it elsewhere.")
   if os.path.isdir(output):
     raise InputFilesError(f"--output {output} is a folder; give a file name ending in .npz.")

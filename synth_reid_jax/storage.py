@@ -20,6 +20,12 @@ FOLDER_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIS
 _PROBE_PREFIX = ".write_check_"
 
 
+def inside(path: str, folder: str) -> bool:
+  """Whether `path` is `folder` or lies under it (links resolved)."""
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def folder_problem(path: str) -> str | None:
   """Why files cannot be written into folder `path` (made if missing), or None when they can."""
   path = os.path.abspath(os.path.expanduser(path))
