@@ -11,10 +11,13 @@ An inference checkpoint (`save_inference_checkpoint`, e.g. from tools.import_tor
 metadata/; eval, translate and extract restore just those two items, so they read both kinds.
 """
 
+import asyncio
 import dataclasses
 import logging
 import os
 import re
+import sys
+import traceback
 import zlib
 
 import grain
@@ -204,6 +207,49 @@ def split_state(state):
   return model, fields
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+  """Whether an unraisable error is an I/O callback that found its event loop closed: tensorstore completes
+  the other writes of an Orbax save that failed (a full disk) after Orbax has closed the loop awaiting them,
+  and reports each one. The failure itself is raised by the save; these are its echoes."""
+  error = unraisable.exc_value
+  if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
+    return False
+  package = os.path.dirname(asyncio.__file__)
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return bool(frames) and all(os.path.dirname(frame.filename) == package for frame in frames)
+
+
+class _FailedWriteEchoes(logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" records of writes that failed for storage reasons:
+  the other writes of a failed Orbax save, collected after the save has raised (and been reported)."""
+
+  def filter(self, record):
+    if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
+      return True
+    error = record.exc_info[1]
+    return not any(reason in str(error) for reason in _OS_REASONS + ("RESOURCE_EXHAUSTED",))
+
+
+def quiet_failed_save_echoes():
+  """A failed save is reported once, by the save (one line); what follows it is silenced here.
+
+  Installs a sys.unraisablehook that drops `_is_closed_loop_callback` errors (a screen of identical
+  tracebacks) and hands every other one to the previous hook, and `_FailedWriteEchoes` on asyncio's logger."""
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _FailedWriteEchoes) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_FailedWriteEchoes())
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Saves and restores a run's checkpoints; keeps `keep` latest plus the best by eval mAP."""
 
@@ -220,6 +266,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=_handler_registry(self._iterator_names))
     self._saving = None  # the step of the save in flight, if any
+    quiet_failed_save_echoes()
 
   def steps(self):
     return list(self._manager.all_steps())

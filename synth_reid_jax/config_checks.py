@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from synth_reid_jax import evaluation, input_pipeline, losses, train_step, transforms
+from synth_reid_jax import evaluation, input_pipeline, losses, storage, train_step, transforms
 from synth_reid_jax.errors import ConfigError
 from synth_reid_jax.models import BACKBONES, BASELINE_BACKBONES, CONV_IMPLS
 from synth_reid_jax.models.discriminator import NUM_LAYERS as DISCRIMINATOR_LAYERS
@@ -462,12 +462,5 @@ def write_config(config, workdir):
   Written to a temporary file and renamed, so that a reader (another process of a multi-host run checking
   the workdir, or a crash halfway) sees the old file or the new one, never a partial one.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  temporary = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(temporary, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
+  storage.write_file(os.path.join(workdir, CONFIG_FILE),
+                     config.to_json_best_effort(indent=2, sort_keys=True) + "\n")

@@ -57,3 +57,7 @@ class CheckpointDamagedError(CheckpointError):
   def __init__(self, message, step):
     super().__init__(message)
     self.step = step
+
+
+class MetricsFileError(UserError, ValueError):
+  """A workdir's metrics.jsonl holds a line that is not JSON (other than a last line cut short)."""

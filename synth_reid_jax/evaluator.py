@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from synth_reid_jax import evaluation, features, input_pipeline
+from synth_reid_jax import evaluation, features, input_pipeline, storage
 from synth_reid_jax.inference import prepare, restore_for_inference
 from synth_reid_jax.workdir_lock import WorkdirLock
 
@@ -95,16 +95,17 @@ class Evaluator:
     return all_results
 
   def _write(self, name, results, step):
-    path = eval_path(self.workdir, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
     ranks = self.config.eval.ranks
     message = evaluation.format_results(results, ranks, name=f"{name}, step {step}")
     if self.writer is None:
-      print(message, flush=True)
+      print(message, flush=True)  # printed first: a storage error below still leaves the numbers on screen
+    else:
+      self.writer.print(message)
+    path = eval_path(self.workdir, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.write_file(path, json.dumps(results, indent=2))
+    if self.writer is None:
       return
-    self.writer.print(message)
     scalars = {"mAP": results["mAP"], **{f"rank{r}": results["cmc"][r - 1] for r in ranks
                                          if r <= len(results["cmc"])}}
     self.writer.write_summary(step, scalars, prefix=f"eval/{name}")
@@ -132,4 +133,6 @@ def evaluate(config, workdir, step=None):
   with WorkdirLock(workdir, "eval") if jax.process_index() == 0 else contextlib.nullcontext():
     if jax.process_index() == 0:
       print(f"Evaluating {workdir} at step {step}.", flush=True)
-    return Evaluator(config, models, mesh, workdir).run(variables, step, visrank=True)
+    with storage.storage_errors(workdir, f"The results printed above are not saved in {workdir}/{EVAL_DIR}; "
+                                "free space (or fix the mount) and rerun --mode=eval."):
+      return Evaluator(config, models, mesh, workdir).run(variables, step, visrank=True)

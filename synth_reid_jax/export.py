@@ -264,10 +264,7 @@ def _version(package):
 
 def _write(path, data):
   """Writes bytes through a temporary file and a rename (a reader never sees half a file)."""
-  temporary = f"{path}.tmp{os.getpid()}"
-  with open(temporary, "wb") as f:
-    f.write(data)
-  os.replace(temporary, path)
+  storage.write_file(path, data)
 
 
 def describe(config, *, feature_dim, step, config_name, files, platforms, onnx, verified):

@@ -225,14 +225,9 @@ def _write_image(image, path):
   place, so a failed write (a full disk) leaves neither a partial image nor a lost older one."""
   image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
   options = {"quality": JPEG_QUALITY} if image_format in LOSSY_FORMATS else {}
-  temporary = f"{path}.tmp{os.getpid()}"
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with storage.replaced(path) as temporary:
     Image.fromarray(image).save(temporary, format=image_format, **options)
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
 
 
 def translate(config, workdir, input_dir, output_dir, step=None, overwrite=False, strict=False):
@@ -281,15 +276,9 @@ def translate(config, workdir, input_dir, output_dir, step=None, overwrite=False
 
 def _write_npz(path, arrays):
   """np.savez through a temporary file renamed into place (as _write_image)."""
-  temporary = f"{path}.tmp{os.getpid()}"
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(temporary, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with storage.replaced(path) as temporary, open(temporary, "wb") as f:
+    np.savez(f, **arrays)
 
 
 def extract(config, workdir, input_dir, output, step=None, overwrite=False, strict=False):

@@ -89,3 +89,24 @@ def storage_errors(folder: str, then: str):
     if not is_storage_error(e, folder):
       raise
     raise storage_error(e, folder, then) from e
+
+
+@contextlib.contextmanager
+def replaced(path: str):
+  """Yields a temporary path beside `path`; what the block writes there replaces `path` when it ends without
+  error (one rename). A reader, a crash or a full disk sees the old file or the new one, never half of one;
+  on an error the temporary file is removed and the old file is kept."""
+  temporary = f"{path}.tmp{os.getpid()}"
+  try:
+    yield temporary
+    os.replace(temporary, path)
+  finally:
+    if os.path.lexists(temporary):
+      os.remove(temporary)
+
+
+def write_file(path: str, data: str | bytes) -> None:
+  """Writes `data` to `path` through `replaced`."""
+  with replaced(path) as temporary:
+    with open(temporary, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)

@@ -386,9 +386,11 @@ def _train(config, workdir, mesh):
   finally:
     batches.close()
     stop.close()
-    writer.close()
     try:
-      checkpointer.wait_until_finished()
+      writer.close()  # its last events and rows reach the disk here; a full disk raises
     finally:
-      checkpointer.close()
+      try:
+        checkpointer.wait_until_finished()
+      finally:
+        checkpointer.close()
   return state

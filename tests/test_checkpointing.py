@@ -1,6 +1,9 @@
 """Orbax checkpoints: round trip of state, iterator and rng; retention; clear errors; inference layout."""
 
+import logging
 import os
+import sys
+import time
 
 import grain
 import jax
@@ -131,3 +134,55 @@ def test_inference_checkpoint_restores_for_eval_but_not_training(tmp_path):
 def test_save_inference_checkpoint_needs_num_classes(tmp_path):
   with pytest.raises(ValueError, match="num_classes"):
     checkpointing.save_inference_checkpoint(tmp_path, {}, {}, step=1, metadata={})
+
+
+def test_the_echoes_of_a_failed_save_are_dropped_and_other_unraisable_errors_still_shown(monkeypatch, capfd):
+  """An I/O completion that finds its event loop closed (tensorstore finishing the writes of a save that
+  failed) prints nothing once a Checkpointer exists; any other unraisable error is still printed."""
+  import asyncio
+
+  import tensorstore as ts
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  checkpointing.quiet_failed_save_echoes()
+  checkpointing.quiet_failed_save_echoes()  # installed once however often it is called
+  assert sys.unraisablehook.drops_closed_loop_callbacks
+
+  promise, future = ts.Promise.new()
+
+  async def wait():
+    await future
+
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(wait())
+  loop.run_until_complete(asyncio.sleep(0.01))
+  loop.close()
+  promise.set_result(1)  # tensorstore calls the closed loop's call_soon_threadsafe
+  time.sleep(0.2)
+  task._log_destroy_pending = False  # the task never ends (its loop is closed): no warning when collected
+
+  class Noisy:
+    def __del__(self):
+      raise ValueError("a real problem")
+
+  Noisy()
+  err = capfd.readouterr().err
+  assert "Event loop is closed" not in err, err
+  assert "a real problem" in err, err
+
+
+def test_asyncio_reports_of_failed_writes_are_dropped_and_its_other_errors_kept(caplog):
+  """The other writes of a failed save end as tasks nobody awaits: asyncio's "never retrieved" report of
+  each is dropped when its error is a storage one; every other asyncio error is still logged."""
+  import asyncio
+  checkpointing.quiet_failed_save_echoes()
+  loop = asyncio.new_event_loop()
+
+  def report(error):
+    loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": error})
+
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    report(ValueError('RESOURCE_EXHAUSTED: Error writing "params.reid.k/.zarray": No space left on device'))
+    report(OSError(30, "Read-only file system"))
+    report(ValueError("a bug in a coroutine"))
+  loop.close()
+  assert [str(record.exc_info[1]) for record in caplog.records] == ["a bug in a coroutine"]

@@ -5,12 +5,15 @@ import json
 import os
 import shutil
 import signal
+import struct
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorboardX.record_writer
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +31,7 @@ from synth_reid_jax import (  # noqa: E402
     train_step,
     trainer,
 )
+from synth_reid_jax.errors import MetricsFileError  # noqa: E402
 from synth_reid_jax.tools import import_torch  # noqa: E402
 from synth_reid_jax.train_state import TrainState  # noqa: E402
 
@@ -386,3 +390,44 @@ def test_baseline_validates_on_held_out_source_identities(more_ids_dirs, tmp_pat
   assert _selection(tmp_path, 2)["selected_on"] == "gta_synthreid-val"
   notices = [line for line in capsys.readouterr().out.splitlines() if "pretrained_reid is empty" in line]
   assert len(notices) == 1 and import_torch.CONVERT_COMMAND in notices[0]
+
+
+def test_metrics_file_cut_short_is_mended_on_resume_and_a_damaged_line_is_named(tmp_path):
+  path = tmp_path / metric_writer.METRICS_FILE
+  path.write_text('{"step": 1, "nce": 1.0}\n{"step": 2, "nce": 2.0}\n{"step": 3, "n')  # the disk filled here
+  assert [r["step"] for r in metric_writer.read_metrics(str(tmp_path))] == [1, 2]
+  with metric_writer.MetricWriter(str(tmp_path), tensorboard=False, initial_step=2) as writer:
+    writer.write_scalars(3, {"nce": 3.0})
+  assert path.read_text() == '{"step": 1, "nce": 1.0}\n{"step": 2, "nce": 2.0}\n{"step": 3, "nce": 3.0}\n'
+  path.write_text('{"step": 1, "nce": 1.0}\n{"step": 2, "n\n{"step": 3, "nce": 3.0}\n')
+  with pytest.raises(MetricsFileError, match=r"metrics.jsonl, line 2, cannot be read .*fix or remove"):
+    metric_writer.MetricWriter(str(tmp_path), tensorboard=False, initial_step=3)
+
+
+def read_events(folder):
+  """(step, tag, value) of every scalar in the TensorBoard event files under `folder` (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+  scalars = []
+  for name in sorted(os.listdir(folder)):
+    data = (folder / name).read_bytes()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      scalars += [(event.step, value.tag, value.simple_value) for value in event.summary.value]
+  return scalars
+
+
+def test_tensorboard_events_are_written_on_the_callers_thread_and_a_full_disk_raises(tmp_path, monkeypatch):
+  with metric_writer.MetricWriter(str(tmp_path)) as writer:
+    writer.write_scalars(1, {"nce": 1.5})
+    writer.write_summary(1, {"mAP": 0.25}, prefix="eval/market")
+  assert read_events(tmp_path / metric_writer.TENSORBOARD_DIR) == [(1, "train/nce", 1.5),
+                                                                   (1, "eval/market/mAP", 0.25)]
+  # /dev/full fails every write with ENOSPC: the error reaches the run, no writer thread dies unseen.
+  monkeypatch.setattr(tensorboardX.record_writer, "open_file", lambda path: open("/dev/full", "wb"))
+  threads = threading.active_count()
+  with pytest.raises(OSError, match="No space left"):
+    metric_writer.MetricWriter(str(tmp_path / "full"))
+  assert threading.active_count() == threads

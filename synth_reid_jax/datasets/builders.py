@@ -340,26 +340,33 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None,
   make = lambda: _open(name, folder, lambda: cls(config=config_name, data_dir=data_dir,
                                                   file_format=FILE_FORMAT, **extra))
 
-  def ready(builder, locked):
+  def prepared(locked):
+    """The builder of the prepared folder, or None. A builder reads dataset_info.json when it is made, so
+    it is made only once the folder is there (a build renames a finished folder into place)."""
     if not os.path.isdir(folder):
-      return False
-    if not builder.is_prepared():
-      if not locked:  # perhaps another process is replacing it: decided with the lock held
-        return False
-      # TFDS renames a finished build into place: this folder was damaged since.
-      raise damaged_error(name, folder, f"it holds no {tfds.core.constants.DATASET_INFO_FILENAME}")
-    if cls is ReidToy and _metadata(builder, name, folder).get("toy_config") != toy_config.to_json():
-      return False
-    check_prepared(builder, name)
-    return True
+      return None
+    try:
+      builder = make()
+      if not builder.is_prepared():
+        # TFDS renames a finished build into place: this folder was damaged since.
+        raise damaged_error(name, folder, f"it holds no {tfds.core.constants.DATASET_INFO_FILENAME}")
+      if cls is ReidToy and _metadata(builder, name, folder).get("toy_config") != toy_config.to_json():
+        return None
+      check_prepared(builder, name)
+    except DatasetError:
+      if locked:
+        raise
+      return None  # perhaps another process is replacing it: decided with the lock held
+    return builder
 
-  builder = make()
-  if ready(builder, locked=False):
+  builder = prepared(locked=False)
+  if builder is not None:
     return builder
   download_config = None
   if cls is not ReidToy:
     if manual_dir is None:
-      if ready(builder, locked=True):  # built meanwhile; a damaged folder is named as such
+      builder = prepared(locked=True)  # built meanwhile; a damaged folder is named as such
+      if builder is not None:
         return builder
       raise DatasetError(
           f"{name} is not prepared in {data_dir} yet and no manual_dir was given: pass the folder holding "
@@ -374,13 +381,13 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None,
       )
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   with build_lock(name, data_dir):
-    builder = make()  # another process may have built it while this one waited for the lock
-    if ready(builder, locked=True):
+    builder = prepared(locked=True)  # another process may have built it while this one waited for the lock
+    if builder is not None:
       return builder
     if os.path.isdir(folder):  # a reid_toy drawn with other settings
       logging.info("%s: rebuilding, its ToyConfig changed", name)
       shutil.rmtree(folder)
-      builder = make()
+    builder = make()
     _remove_unfinished_builds(name, folder)
     with _storage_errors(name, data_dir):
       builder.download_and_prepare(download_config=download_config)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from synth_reid_jax import storage
 from synth_reid_jax.errors import UserError
 
 OUTPUT_FORMATS = (".json", ".csv")
@@ -92,10 +93,9 @@ def write_results(output, query, gallery, indices, distances, meta):
   directory = os.path.dirname(os.path.abspath(output))
   os.makedirs(directory, exist_ok=True)
   if output.lower().endswith(".json"):
-    with open(output, "w") as f:
-      json.dump({**meta, "results": records}, f, indent=1)
+    storage.write_file(output, json.dumps({**meta, "results": records}, indent=1))
   else:
-    with open(output, "w", newline="") as f:
+    with storage.replaced(output) as temporary, open(temporary, "w", newline="") as f:
       writer = csv.writer(f)
       writer.writerow(["query", "rank", "gallery", "distance"])
       for record in records:
