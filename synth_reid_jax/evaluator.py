@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from synth_reid_jax import evaluation, features, input_pipeline, storage
+from synth_reid_jax import evaluation, features, input_pipeline, sharding, storage
 from synth_reid_jax.inference import prepare, restore_for_inference
 from synth_reid_jax.workdir_lock import WorkdirLock
 
@@ -66,13 +66,23 @@ class Evaluator:
     return self.config.data.eval_datasets[0] if self.config.data.eval_datasets else None
 
   def evaluate_dataset(self, variables, dataset_name):
-    """-> (results {"dataset", "mAP", "cmc", ...}, query features, gallery features)."""
+    """-> (results {"dataset", "mAP", "cmc", ...}, query features, gallery features).
+
+    With several processes, process 0 alone holds the features and ranks (the others' memory stays at a
+    batch); every process gets its results (they rank the best checkpoint alike), and None for the features.
+    """
     streams = self.streams(dataset_name)
-    q, g = (features.compute_features(self.feature_fn, variables, streams[s], self.mesh) for s in SPLITS)
+    ranks_here = jax.process_index() == 0
+    q, g = (features.compute_features(self.feature_fn, variables, streams[s], self.mesh, keep=ranks_here)
+            for s in SPLITS)
     ev = self.config.eval
-    results = evaluation.compute_metrics(
-        q["features"], g["features"], q["pid"], g["pid"], q["camid"], g["camid"], metric=ev.metric,
-        normalize=ev.normalize, rerank=ev.rerank, cuhk03_metric=ev.cuhk03_metric, ranks=ev.ranks)
+
+    def rank():
+      return evaluation.compute_metrics(
+          q["features"], g["features"], q["pid"], g["pid"], q["camid"], g["camid"], metric=ev.metric,
+          normalize=ev.normalize, rerank=ev.rerank, cuhk03_metric=ev.cuhk03_metric, ranks=ev.ranks)
+
+    results = sharding.from_process_zero(rank if ranks_here else None, what=f"Evaluating {dataset_name}")
     return {"dataset": dataset_name, **results}, q, g
 
   def run(self, variables, step, visrank=False, validation=False):

@@ -49,10 +49,11 @@ def make_feature_fn(models, config, mesh):
 
 
 def to_host(x):
-  """A global array (or this process's numpy share) as the whole batch in numpy, on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  """A global array (or this process's numpy share), or a tree of them, as the whole batch in numpy on every
+  process (one collective for the whole tree)."""
+  if jax.process_count() > 1:
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree.map(np.asarray, x)
 
 
 class _Rows:
@@ -83,9 +84,13 @@ class _Rows:
     return {**{k: v[kept] for k, v in self.arrays.items()}, "index": kept}
 
 
-def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")):
+def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid"), keep=True):
   """Runs `feature_fn` over an eval pipeline's batches; -> {"features": (N,D), "index", **keys} in dataset
   order ("index": each row's position in the dataset).
+
+  With several processes every one must run this (each batch's features are gathered across them); one
+  with `keep=False` takes part but keeps no rows and returns None, so only the process that ranks holds
+  the whole split.
 
   Batches carry "image", "mask" (False on the padding of the last batch and on skipped images), "index"
   (position in the dataset) and the `keys`. Each batch's rows are written at their index into arrays
@@ -96,11 +101,12 @@ def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")
 
   def collect(result):
     features, batch = result
-    features = to_host(features)
-    mask, index = (to_host(np.asarray(batch[key])) for key in ("mask", "index"))
-    keep = mask.astype(bool)
-    values = {"features": features[keep]} | {k: to_host(np.asarray(batch[k]))[keep] for k in keys}
-    rows.write(index[keep].astype(np.int64), values)
+    gathered = to_host({"features": features} | {k: np.asarray(batch[k]) for k in ("mask", "index", *keys)})
+    if not keep:
+      return
+    real = gathered["mask"].astype(bool)
+    values = {k: gathered[k][real] for k in ("features", *keys)}
+    rows.write(gathered["index"][real].astype(np.int64), values)
 
   for batch in batches:
     images = sharding.make_global_batch(np.asarray(batch["image"], np.float32), mesh)
@@ -110,6 +116,6 @@ def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")
     pending = current
   if pending is not None:
     collect(pending)
-  if rows.arrays is None:
+  if pending is None:
     raise ValueError("compute_features got no batches: the evaluation split is empty.")
-  return rows.result()
+  return rows.result() if keep else None

@@ -1,11 +1,14 @@
 """Data parallelism: a 1-D device mesh, the replicated train state, global batches from per-process data."""
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from synth_reid_jax.errors import UserError
 
 DATA_AXIS = "data"
 
@@ -60,3 +63,33 @@ def make_global_batch(local_batch, mesh: Mesh):
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(to_global, local_batch)
+
+
+def from_process_zero(compute: Callable[[], object] | None, *, what: str):
+  """compute() run on process 0 alone (the others pass None) -> its result (JSON-able) on every process.
+
+  A failure there reaches every process, so none waits for a result that never comes: process 0 raises its
+  own error, the others one naming it (a UserError where process 0's was one). `what` names the work."""
+  if jax.process_count() == 1:
+    return compute()
+  from jax.experimental import multihost_utils
+  error = None
+  if jax.process_index() == 0:
+    try:
+      message = {"result": compute()}
+    except Exception as e:  # noqa: BLE001 - handed to the other processes, then raised here as it is
+      error = e
+      message = {"error": f"{type(e).__name__}: {e}", "user_error": isinstance(e, UserError)}
+    payload = np.frombuffer(json.dumps(message).encode(), np.uint8)
+  else:
+    payload = np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
+  buffer = payload if payload.size == size else np.zeros(size, np.uint8)
+  received = multihost_utils.broadcast_one_to_all(buffer)
+  message = json.loads(np.asarray(received, np.uint8).tobytes())
+  if error is not None:
+    raise error
+  if "error" in message:
+    kind = UserError if message["user_error"] else RuntimeError
+    raise kind(f"{what} failed on process 0: {message['error']}")
+  return message["result"]

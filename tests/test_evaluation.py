@@ -493,6 +493,23 @@ def test_compute_features_writes_rows_in_dataset_order(with_size, skipped):
   np.testing.assert_array_equal(out["camid"], expected % 3)
   with pytest.raises(ValueError, match="got no batches"):
     features.compute_features(feature_fn, 1.0, [], mesh)
+  # A process that does not rank runs every batch (its collectives) and keeps nothing.
+  seen = []
+  assert features.compute_features(lambda v, x: seen.append(1) or feature_fn(v, x), 1.0,
+                                   FakeStream(skipped=skipped, with_size=with_size), mesh, keep=False) is None
+  assert len(seen) == 3  # 11 rows in batches of 4
+
+
+def test_results_from_process_zero_in_one_process_are_computed_here():
+  from synth_reid_jax import sharding
+  from synth_reid_jax.errors import DatasetError
+  assert sharding.from_process_zero(lambda: {"mAP": 0.5}, what="Evaluating x") == {"mAP": 0.5}
+
+  def fails():
+    raise DatasetError("no match")
+
+  with pytest.raises(DatasetError, match="^no match$"):
+    sharding.from_process_zero(fails, what="Evaluating x")
 
 
 def test_features_reach_the_device_in_chunks_unchanged(monkeypatch):

@@ -125,6 +125,53 @@ def test_two_processes_train_like_one(fake_manual_dir, fake_data_dir, tmp_path, 
     files = os.listdir(multi / "checkpoints" / "4" / name)
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(files), files
 
+  # The eval mode over two processes (process 0 alone holds the features and ranks) gives one process's
+  # numbers, and the other process gets them too.
+  evaluated = ["--mode=eval", "--config.data.eval_datasets=('dukemtmc_reid',)"]
+  commands = two_process_commands(multi, fake_manual_dir, fake_data_dir, *evaluated)
+  results = run_processes([(command, environment(2, compile_cache)) for command in commands], logs, "eval")
+  for i, (rc, log) in enumerate(results):
+    assert rc == 0, f"process {i} failed:\n{log[-3000:]}"
+  two = json.loads((multi / "eval" / "dukemtmc_reid.json").read_text())
+  (rc, log), = run_processes([(launch_args(multi, fake_manual_dir, fake_data_dir) + evaluated,
+                               environment(4, compile_cache))], logs, "eval_single")
+  assert rc == 0, log[-3000:]
+  one = json.loads((multi / "eval" / "dukemtmc_reid.json").read_text())
+  assert two["num_query"] == one["num_query"] > 0 and two["num_gallery"] == one["num_gallery"] > 0
+  assert two["mAP"] == pytest.approx(one["mAP"], abs=1e-6) and two["cmc"] == pytest.approx(one["cmc"])
+
+
+FROM_PROCESS_ZERO = """
+import sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from synth_reid_jax import sharding
+from synth_reid_jax.errors import DatasetError
+
+def fails():
+  raise DatasetError("no query has a match in the gallery")
+
+first = jax.process_index() == 0
+try:
+  sharding.from_process_zero(fails if first else None, what="Evaluating market")
+except Exception as e:
+  print("RAISED", type(e).__name__, e, flush=True)
+print("RESULT", sharding.from_process_zero((lambda: {"mAP": 0.25}) if first else None, what="x"), flush=True)
+"""
+
+
+def test_what_process_zero_computes_or_the_error_it_meets_reaches_every_process(tmp_path, compile_cache):
+  port = portpicker.pick_unused_port()
+  env = environment(1, compile_cache)
+  commands = [([sys.executable, "-c", FROM_PROCESS_ZERO, f"127.0.0.1:{port}", str(i)], env) for i in range(2)]
+  results = run_processes(commands, tmp_path, "zero")
+  for i, (rc, log) in enumerate(results):
+    assert rc == 0, f"process {i} failed:\n{log[-3000:]}"
+    assert "RESULT {'mAP': 0.25}" in log, log
+  assert "RAISED DatasetError no query has a match in the gallery" in results[0][1], results[0][1]
+  assert ("RAISED UserError Evaluating market failed on process 0: DatasetError: no query has a match in the "
+          "gallery") in results[1][1], results[1][1]
+
 
 def test_both_processes_set_a_damaged_checkpoint_aside_and_resume_from_the_previous(
     fake_manual_dir, fake_data_dir, tmp_path, compile_cache):
