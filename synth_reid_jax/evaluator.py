@@ -114,11 +114,10 @@ class Evaluator:
     path = eval_path(self.workdir, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     storage.write_file(path, json.dumps(results, indent=2))
-    if self.writer is None:
-      return
-    scalars = {"mAP": results["mAP"], **{f"rank{r}": results["cmc"][r - 1] for r in ranks
-                                         if r <= len(results["cmc"])}}
-    self.writer.write_summary(step, scalars, prefix=f"eval/{name}")
+    if self.writer is not None:
+      scalars = {"mAP": results["mAP"], **{f"rank{r}": results["cmc"][r - 1] for r in ranks
+                                           if r <= len(results["cmc"])}}
+      self.writer.write_summary(step, scalars, prefix=f"eval/{name}")
 
   def save_visrank(self, dataset_name, q, g, save_dir):
     """torchreid's ranked results: one PNG per query with its top-k gallery images (green = same identity)."""

@@ -26,12 +26,8 @@ def _json_number(value):
   return value if math.isfinite(value) else None
 
 
-def read_metrics(workdir):
-  """Every row of <workdir>/metrics.jsonl, in order. A last line cut short (a full disk or a kill while it
-  was written) is left out; a damaged line before it is an error."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
+def _read_rows(path):
+  """-> (the rows of a metrics.jsonl, whether its last line was cut short and left out)."""
   with open(path) as f:
     lines = [line for line in f if line.strip()]
   rows = []
@@ -40,9 +36,16 @@ def read_metrics(workdir):
       rows.append(json.loads(line))
     except ValueError as e:
       if number == len(lines) and not line.endswith("\n"):
-        break
+        return rows, True
       raise MetricsFileError(f"{path}, line {number}, cannot be read ({e}); fix or remove that line.") from e
-  return rows
+  return rows, bool(lines) and not lines[-1].endswith("\n")
+
+
+def read_metrics(workdir):
+  """Every row of <workdir>/metrics.jsonl, in order. A last line cut short (a full disk or a kill while it
+  was written) is left out; a damaged line before it is an error."""
+  path = os.path.join(workdir, METRICS_FILE)
+  return _read_rows(path)[0] if os.path.exists(path) else []
 
 
 def truncate_metrics(workdir, last_step):
@@ -51,11 +54,9 @@ def truncate_metrics(workdir, last_step):
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return 0
-  rows = read_metrics(workdir)
+  rows, cut_short = _read_rows(path)
   kept = [row for row in rows if row["step"] <= last_step]
-  with open(path, "rb") as f:
-    whole = f.read().endswith(b"\n") or not f.tell()
-  if len(kept) != len(rows) or not whole:
+  if len(kept) != len(rows) or cut_short:
     storage.write_file(path, "".join(json.dumps(row) + "\n" for row in kept))
   return len(rows) - len(kept)
 

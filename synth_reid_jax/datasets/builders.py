@@ -340,9 +340,11 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None,
   make = lambda: _open(name, folder, lambda: cls(config=config_name, data_dir=data_dir,
                                                   file_format=FILE_FORMAT, **extra))
 
-  def prepared(locked):
+  def prepared(strict):
     """The builder of the prepared folder, or None. A builder reads dataset_info.json when it is made, so
-    it is made only once the folder is there (a build renames a finished folder into place)."""
+    it is made only once the folder is there (a build renames a finished folder into place). `strict`: a
+    folder that looks damaged raises (the build lock is held, or no build could follow); else None, and it
+    is looked at again with the lock held (another process may be replacing it)."""
     if not os.path.isdir(folder):
       return None
     try:
@@ -354,18 +356,18 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None,
         return None
       check_prepared(builder, name)
     except DatasetError:
-      if locked:
+      if strict:
         raise
-      return None  # perhaps another process is replacing it: decided with the lock held
+      return None
     return builder
 
-  builder = prepared(locked=False)
+  builder = prepared(strict=False)
   if builder is not None:
     return builder
   download_config = None
   if cls is not ReidToy:
     if manual_dir is None:
-      builder = prepared(locked=True)  # built meanwhile; a damaged folder is named as such
+      builder = prepared(strict=True)  # built meanwhile; a damaged folder is named as such
       if builder is not None:
         return builder
       raise DatasetError(
@@ -381,7 +383,7 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None,
       )
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
   with build_lock(name, data_dir):
-    builder = prepared(locked=True)  # another process may have built it while this one waited for the lock
+    builder = prepared(strict=True)  # another process may have built it while this one waited for the lock
     if builder is not None:
       return builder
     if os.path.isdir(folder):  # a reid_toy drawn with other settings
