@@ -166,5 +166,11 @@ def get_config():
   ev.cuhk03_metric = False  # CUHK03 single-gallery-shot CMC
   ev.ranks = (1, 5, 10, 20)
   ev.visrank_topk = 0  # > 0: save a ranked-results picture with this many gallery images per query
+  # AdaBN (Li et al., 2016; not in the original): before every evaluation and checkpoint, R's BatchNorm
+  # statistics are re-estimated on the target's training images (unaugmented, through G's encoder; without the
+  # held-out validation identities), so what is evaluated, saved and extracted normalises real images with
+  # real statistics. Training is unchanged (R trains on batch statistics). Needs a target (the method). It acts
+  # while training: the checkpoints hold the statistics, which --mode=eval / extract / export read as they are.
+  ev.adabn = False
 
   return config

@@ -249,6 +249,7 @@ RULES = {
     "eval.cuhk03_metric": boolean(),
     "eval.ranks": sequence(integer(1), min_length=1),
     "eval.visrank_topk": integer(0),
+    "eval.adabn": boolean(),
 }
 
 
@@ -261,10 +262,14 @@ def needs_target(config):
   return config.model.backbone == "generator" and (w.dis > 0 or w.sim > 0 or (w.nce > 0 and w.nce_idt > 0))
 
 
-def _target_is_a_dataset(v):
-  target_read = v["model.backbone"] == "generator" and (
+def _reads_target(v):
+  """needs_target on flattened values."""
+  return v["model.backbone"] == "generator" and (
       v["loss.dis"] > 0 or v["loss.sim"] > 0 or (v["loss.nce"] > 0 and v["loss.nce_idt"] > 0))
-  if target_read and v["data.target"] not in _dataset_names():
+
+
+def _target_is_a_dataset(v):
+  if _reads_target(v) and v["data.target"] not in _dataset_names():
     return (f"config.data.target={v['data.target']!r} is not a dataset; use one of {_dataset_names()} "
             "(a loss reads real images: loss.dis, loss.sim or loss.nce_idt > 0)")
 
@@ -322,6 +327,13 @@ def _query_needs_combineall(v):
             "config.data.combineall=True")
 
 
+def _adabn_needs_target(v):
+  if v["eval.adabn"] and not _reads_target(v):
+    return ("config.eval.adabn=True re-estimates R's BatchNorm statistics on the target's training images, "
+            "but this config reads no target (direct transfer, or no loss that reads real images); set "
+            "config.eval.adabn=False")
+
+
 # (keys read, check -> message or None); a check runs only when each of its keys passed its own rule.
 CROSS_RULES = (
     (("model.backbone", "loss.dis", "loss.sim", "loss.nce", "loss.nce_idt", "data.target"),
@@ -335,6 +347,8 @@ CROSS_RULES = (
     (("loss.reid_ce", "loss.reid_triplet"), _reid_trains),
     (("train.batch_size", "data.sampler", "data.num_instances"), _pk_batches),
     (("data.combineall", "data.combineall_query"), _query_needs_combineall),
+    (("eval.adabn", "model.backbone", "loss.dis", "loss.sim", "loss.nce", "loss.nce_idt"),
+     _adabn_needs_target),
 )
 
 

@@ -1,5 +1,6 @@
 """Test-time re-ID features: R(encoder(x)) (the BNNeck output, or the pooled feature of resnet50_plain; eval
-mode), + R(encoder(flip(x))) with eval flip.
+mode), + R(encoder(flip(x))) with eval flip; and R's BatchNorm statistics re-estimated on other images
+(AdaBN, config.eval.adabn).
 
 As torchreid's engine with eval_flip, the two features are summed (not averaged, not concatenated).
 """
@@ -11,6 +12,7 @@ from jax.experimental import multihost_utils
 
 from synth_reid_jax import compile_options, sharding
 from synth_reid_jax.models import forms
+from synth_reid_jax.models.layers import BN_MOMENTUM
 
 
 def _sub(variables, name):
@@ -119,3 +121,36 @@ def compute_features(feature_fn, variables, batches, mesh, keys=("pid", "camid")
   if pending is None:
     raise ValueError("compute_features got no batches: the evaluation split is empty.")
   return rows.result() if keep else None
+
+
+def make_batch_stats_fn(models, mesh):
+  """jit((variables, images) -> R's BatchNorm statistics of that batch), variables replicated, the batch
+  split over the mesh's devices: R in train mode on the encoder features, every BatchNorm normalising with
+  (and reporting) the whole global batch's mean and unbiased variance, as in training."""
+  def batch_stats(variables, images):
+    zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"]["reid"])
+    _, new = models.reid.apply({"params": variables["params"]["reid"], "batch_stats": zeros},
+                               encode(models, variables, images), train=True, mutable=["batch_stats"])
+    # From zero, one update leaves BN_MOMENTUM x the batch's statistics (layers.BatchNorm's running update).
+    return jax.tree.map(lambda x: x / BN_MOMENTUM, new["batch_stats"])
+
+  replicated = sharding.replicated_sharding(mesh)
+  return jax.jit(forms.traced_for(batch_stats, mesh), in_shardings=(replicated, sharding.batch_sharding(mesh)),
+                 out_shardings=replicated, compiler_options=compile_options.compiler_options(target=mesh))
+
+
+def adapted_batch_stats(batch_stats_fn, variables, batches, mesh):
+  """AdaBN: R's BatchNorm statistics averaged over the whole batches of an eval pipeline (PreciseBN's
+  equal-weight mean of each batch's mean and variance); a batch holding padding (the last one, unless the
+  stream divides evenly) is left out, so a stream needs at least one whole batch. -> R's batch_stats."""
+  total, count = None, 0
+  for batch in batches:
+    if not np.all(to_host(np.asarray(batch["mask"]))):
+      continue
+    stats = batch_stats_fn(variables, sharding.make_global_batch(np.asarray(batch["image"], np.float32), mesh))
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    count += 1
+  if count == 0:
+    raise ValueError("AdaBN (config.eval.adabn) got no whole batch of target images: the target's training "
+                     "set is smaller than one evaluation batch.")
+  return jax.tree.map(lambda x: x / count, total)

@@ -744,6 +744,48 @@ def create_val_pipelines(config, batch_size: int | None = None, process_index: i
           for split, subset in (("query", query), ("gallery", gallery))}
 
 
+class _ExampleRecords(Sequence):
+  """The records an Examples selects from its splits, in its order, as a random-access data source."""
+
+  def __init__(self, records: Sequence[Sequence[Mapping]], examples: Examples):
+    self._records, self._examples = records, examples
+
+  def __len__(self):
+    return len(self._examples.record_index)
+
+  def __getitem__(self, index):
+    split = int(self._examples.split_index[index])
+    return self._records[split][int(self._examples.record_index[index])]
+
+  def __getitems__(self, indices):
+    out = [None] * len(indices)
+    by_split = {}
+    for position, index in enumerate(indices):
+      by_split.setdefault(int(self._examples.split_index[index]), []).append(
+          (position, int(self._examples.record_index[index])))
+    for split, items in by_split.items():
+      source, keys = self._records[split], [key for _, key in items]
+      getitems = getattr(source, "__getitems__", None)
+      for (position, _), record in zip(items, getitems(keys) if getitems else [source[k] for k in keys]):
+        out[position] = record
+    return out
+
+
+def create_target_train_pipeline(config, batch_size: int, process_index: int | None = None,
+                                 process_count: int | None = None, *,
+                                 data_sources: Mapping[str, Sequence[Mapping]] | None = None) -> EvalStream:
+  """The images the target stream trains on (every train-split image but the held-out validation
+  identities'), unaugmented and in record order, batched as `create_eval_pipeline` does: what
+  config.eval.adabn re-estimates R's BatchNorm statistics on."""
+  target = config.data.target
+  splits = ("train", *extra_train_splits(config, target, combineall=False))
+  records = _split_records(config, target, splits, data_sources)
+  examples = _target_examples(config, {split: read_labels(records[split]) for split in splits}, splits)
+  subset = _ExampleRecords([records[split] for split in splits], examples)
+  return create_eval_pipeline(config, target, "train", batch_size, process_index, process_count,
+                              records=subset)
+
+
 def split_labels(config, dataset_name: str, split: str) -> SplitLabels:
   """pids, camids and file names of a split without building a pipeline."""
   return read_labels(_split_records(config, dataset_name, (split,), None)[split])

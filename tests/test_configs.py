@@ -205,6 +205,16 @@ def test_constraints_between_keys(changes, message):
   assert len(problems) == 1 and message in problems[0], problems
 
 
+def test_adabn_needs_a_target():
+  config = load("demo_baseline", "tiny")
+  config.eval.adabn = True
+  problems = config_checks.config_problems(config)
+  assert len(problems) == 1 and "config.eval.adabn=True" in problems[0] and "reads no target" in problems[0]
+  method = load("demo", "tiny")
+  method.eval.adabn = True
+  assert config_checks.config_problems(method) == []
+
+
 def test_every_problem_is_listed_at_once():
   config = load("gta2duke", "tiny")
   config.optim.generator.lr = -1.0

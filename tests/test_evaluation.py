@@ -534,3 +534,41 @@ def test_top_k_is_the_argsort_order_of_the_whole_matrix(chunk_bytes, rerank):
     np.testing.assert_array_equal(distances[q], dist[q, order])
   unfiltered, _ = evaluation.top_k(qf, gf, 200, rerank=rerank)  # k > gallery: the whole ranking
   np.testing.assert_array_equal(unfiltered, np.argsort(dist, axis=1))
+
+
+def test_adabn_statistics_are_the_batches_own_and_padded_batches_are_left_out():
+  """make_batch_stats_fn reports each BatchNorm's mean and unbiased variance over the batch (checked on the
+  BNNeck against R's pooled feature); adapted_batch_stats averages whole batches and skips padded ones."""
+  import jax
+  import jax.numpy as jnp
+
+  from configs import demo
+  from synth_reid_jax import features, sharding, train_state
+  from synth_reid_jax.models import build_models
+
+  config = demo.get_config("tiny")
+  models = build_models(config, 5)
+  state, _ = train_state.create_train_state(config, jax.random.key(0), 5)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  mesh = sharding.create_mesh()
+  rng = np.random.default_rng(0)
+  shape = (8, config.data.height, config.data.width, 3)
+  a, b, c = (rng.normal(size=shape).astype(np.float32) for _ in range(3))
+  stats_fn = features.make_batch_stats_fn(models, mesh)
+
+  (_, pooled), _ = models.reid.apply({
+      "params": variables["params"]["reid"], "batch_stats": variables["batch_stats"]["reid"]},
+      features.encode(models, variables, jnp.asarray(a)), train=True, mutable=["batch_stats"])
+  pooled = np.asarray(pooled, np.float64)
+  stats_a = stats_fn(variables, a)
+  np.testing.assert_allclose(stats_a["bnneck"]["mean"], pooled.mean(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats_a["bnneck"]["var"], pooled.var(0, ddof=1), rtol=1e-3, atol=1e-6)
+
+  whole = np.ones(8, bool)
+  padded = np.array([True] * 5 + [False] * 3)
+  stream = [{"image": a, "mask": whole}, {"image": b, "mask": whole}, {"image": c, "mask": padded}]
+  averaged = features.adapted_batch_stats(stats_fn, variables, stream, mesh)
+  expected = jax.tree.map(lambda x, y: (x + y) / 2, stats_a, stats_fn(variables, b))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), averaged, expected)
+  with pytest.raises(ValueError, match="no whole batch of target images"):
+    features.adapted_batch_stats(stats_fn, variables, stream[2:], mesh)

@@ -28,10 +28,11 @@ from synth_reid_jax import (  # noqa: E402
     inference,
     input_pipeline,
     metric_writer,
+    sharding,
     train_step,
     trainer,
 )
-from synth_reid_jax.errors import MetricsFileError  # noqa: E402
+from synth_reid_jax.errors import ConfigError, MetricsFileError  # noqa: E402
 from synth_reid_jax.tools import import_torch  # noqa: E402
 from synth_reid_jax.train_state import TrainState  # noqa: E402
 
@@ -368,6 +369,52 @@ def test_method_validates_on_held_out_target_identities(more_ids_dirs, tmp_path,
   source = input_pipeline.create_source_pipeline(config, 0, 1)
   whole = input_pipeline.create_source_pipeline(tiny_config(more_ids_dirs), 0, 1)
   assert (source.num_images, source.num_classes) == (whole.num_images, whole.num_classes)
+
+
+@pytest.mark.slow
+def test_adabn_evaluates_and_saves_target_statistics(more_ids_dirs, tmp_path, compilation_cache):
+  """eval.adabn: R's BatchNorm statistics are re-estimated on the target's training images (without the
+  held-out validation identities) before each evaluation and checkpoint, so eval mode on the checkpoint gives
+  the numbers the run reported, and recomputing them from the saved weights gives the saved statistics."""
+  del compilation_cache
+  config = tiny_config(more_ids_dirs, num_steps=2)  # gta2duke:tiny
+  config.data.val, config.data.val_ids = True, 3
+  config.eval.adabn = True
+  trainer.train_and_evaluate(config, str(tmp_path))
+  reported = json.load(open(tmp_path / "eval" / "market1501.json"))
+  again = evaluator.evaluate(config, str(tmp_path), step=2)["market1501"]
+  assert again["mAP"] == pytest.approx(reported["mAP"], abs=1e-6) and again["cmc"] == pytest.approx(reported["cmc"])
+  models, variables, _ = inference.restore_for_inference(config, str(tmp_path), step=2)
+  mesh = sharding.create_mesh()
+  state = TrainState(step=jnp.int32(2), params=variables["params"], batch_stats=variables["batch_stats"],
+                     opt_state={})
+  recomputed = trainer.make_adabn(config, models, mesh)(state).batch_stats["reid"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               variables["batch_stats"]["reid"], recomputed)
+  target = input_pipeline.create_target_pipeline(config, 0, 1, source_steps_per_epoch=1)
+  stream = input_pipeline.create_target_train_pipeline(config, 4)
+  assert stream.num_images == target.num_images  # the held-out identities' images are left out
+  # Without AdaBN the same run saves the training running averages instead.
+  plain = tiny_config(more_ids_dirs, num_steps=2)
+  plain.data.val, plain.data.val_ids = True, 3
+  trainer.train_and_evaluate(plain, str(tmp_path / "plain"))
+  _, plain_variables, _ = inference.restore_for_inference(plain, str(tmp_path / "plain"), step=2)
+  for name in ("generator", "reid"):  # training itself is unchanged
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), variables["params"][name],
+                 plain_variables["params"][name])
+  differs = jax.tree.map(lambda a, b: not np.allclose(a, b), variables["batch_stats"]["reid"],
+                         plain_variables["batch_stats"]["reid"])
+  assert all(jax.tree.leaves(differs))
+
+
+def test_adabn_on_a_target_smaller_than_two_images_is_a_config_error(more_ids_dirs, monkeypatch):
+  config = tiny_config(more_ids_dirs)
+  config.eval.adabn = True
+  stream = input_pipeline.EvalStream(batches=None, num_batches=1, num_images=1, batch_size=1,
+                                     labels=None)
+  monkeypatch.setattr(input_pipeline, "create_target_train_pipeline", lambda *args, **kwargs: stream)
+  with pytest.raises(ConfigError, match="config.eval.adabn: the target 'dukemtmc_reid' has 1 training images"):
+    trainer.make_adabn(config, None, sharding.create_mesh())
 
 
 @pytest.mark.slow
