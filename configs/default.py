@@ -169,8 +169,8 @@ def get_config():
   # AdaBN (Li et al., 2016; not in the original): before every evaluation and checkpoint, R's BatchNorm
   # statistics are re-estimated on the target's training images (unaugmented, through G's encoder; without the
   # held-out validation identities), so what is evaluated, saved and extracted normalises real images with
-  # real statistics. Training is unchanged (R trains on batch statistics). Needs a target (the method). It acts
-  # while training: the checkpoints hold the statistics, which --mode=eval / extract / export read as they are.
+  # real statistics. Training is unchanged (R trains on batch statistics). Needs a target (the method). It
+  # acts while training: checkpoints hold the statistics, which --mode=eval / extract / export read as is.
   ev.adabn = False
 
   return config

@@ -135,8 +135,9 @@ def make_batch_stats_fn(models, mesh):
     return jax.tree.map(lambda x: x / BN_MOMENTUM, new["batch_stats"])
 
   replicated = sharding.replicated_sharding(mesh)
-  return jax.jit(forms.traced_for(batch_stats, mesh), in_shardings=(replicated, sharding.batch_sharding(mesh)),
-                 out_shardings=replicated, compiler_options=compile_options.compiler_options(target=mesh))
+  return jax.jit(forms.traced_for(batch_stats, mesh),
+                 in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated,
+                 compiler_options=compile_options.compiler_options(target=mesh))
 
 
 def adapted_batch_stats(batch_stats_fn, variables, batches, mesh):
@@ -147,7 +148,8 @@ def adapted_batch_stats(batch_stats_fn, variables, batches, mesh):
   for batch in batches:
     if not np.all(to_host(np.asarray(batch["mask"]))):
       continue
-    stats = batch_stats_fn(variables, sharding.make_global_batch(np.asarray(batch["image"], np.float32), mesh))
+    images = sharding.make_global_batch(np.asarray(batch["image"], np.float32), mesh)
+    stats = batch_stats_fn(variables, images)
     total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     count += 1
   if count == 0:

@@ -383,7 +383,8 @@ def test_adabn_evaluates_and_saves_target_statistics(more_ids_dirs, tmp_path, co
   trainer.train_and_evaluate(config, str(tmp_path))
   reported = json.load(open(tmp_path / "eval" / "market1501.json"))
   again = evaluator.evaluate(config, str(tmp_path), step=2)["market1501"]
-  assert again["mAP"] == pytest.approx(reported["mAP"], abs=1e-6) and again["cmc"] == pytest.approx(reported["cmc"])
+  assert again["mAP"] == pytest.approx(reported["mAP"], abs=1e-6)
+  assert again["cmc"] == pytest.approx(reported["cmc"])
   models, variables, _ = inference.restore_for_inference(config, str(tmp_path), step=2)
   mesh = sharding.create_mesh()
   state = TrainState(step=jnp.int32(2), params=variables["params"], batch_stats=variables["batch_stats"],
@@ -413,7 +414,7 @@ def test_adabn_on_a_target_smaller_than_two_images_is_a_config_error(more_ids_di
   stream = input_pipeline.EvalStream(batches=None, num_batches=1, num_images=1, batch_size=1,
                                      labels=None)
   monkeypatch.setattr(input_pipeline, "create_target_train_pipeline", lambda *args, **kwargs: stream)
-  with pytest.raises(ConfigError, match="config.eval.adabn: the target 'dukemtmc_reid' has 1 training images"):
+  with pytest.raises(ConfigError, match="adabn: the target 'dukemtmc_reid' has 1 training images"):
     trainer.make_adabn(config, None, sharding.create_mesh())
 
 
