@@ -258,12 +258,11 @@ RULES = {
 
 def needs_target(config):
   """Whether a loss reads real images: D's real term, feature matching, identity PatchNCE."""
-  w = config.loss
-  return config.model.backbone == "generator" and (w.dis > 0 or w.sim > 0 or (w.nce > 0 and w.nce_idt > 0))
+  return _reads_target(flatten(config))
 
 
 def _reads_target(v):
-  """needs_target on flattened values."""
+  """needs_target on flattened values (flatten(config))."""
   return v["model.backbone"] == "generator" and (
       v["loss.dis"] > 0 or v["loss.sim"] > 0 or (v["loss.nce"] > 0 and v["loss.nce_idt"] > 0))
 

@@ -44,10 +44,16 @@ def embed(models, variables, images, flip):
 def make_feature_fn(models, config, mesh):
   """jit((variables, images) -> features), variables replicated, the batch split over the mesh's devices."""
   flip = bool(config.eval.flip)
-  extract = forms.traced_for(lambda variables, images: embed(models, variables, images, flip), mesh)
-  return jax.jit(extract, in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh),
-                 compiler_options=compile_options.compiler_options(target=mesh))
+  return _jit_over_batch(lambda variables, images: embed(models, variables, images, flip), mesh,
+                         sharding.batch_sharding(mesh))
+
+
+def _jit_over_batch(fn, mesh, out_shardings):
+  """jit((variables, images) -> ...) traced for the mesh's platform: variables replicated, the batch split
+  over the mesh's devices."""
+  return jax.jit(forms.traced_for(fn, mesh),
+                 in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
+                 out_shardings=out_shardings, compiler_options=compile_options.compiler_options(target=mesh))
 
 
 def to_host(x):
@@ -134,10 +140,7 @@ def make_batch_stats_fn(models, mesh):
     # From zero, one update leaves BN_MOMENTUM x the batch's statistics (layers.BatchNorm's running update).
     return jax.tree.map(lambda x: x / BN_MOMENTUM, new["batch_stats"])
 
-  replicated = sharding.replicated_sharding(mesh)
-  return jax.jit(forms.traced_for(batch_stats, mesh),
-                 in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated,
-                 compiler_options=compile_options.compiler_options(target=mesh))
+  return _jit_over_batch(batch_stats, mesh, sharding.replicated_sharding(mesh))
 
 
 def adapted_batch_stats(batch_stats_fn, variables, batches, mesh):

@@ -77,6 +77,10 @@ class SplitLabels:
   def __len__(self):
     return len(self.pids)
 
+  def take(self, index) -> "SplitLabels":
+    """The labels of the records at `index`, in that order."""
+    return SplitLabels(self.pids[index], self.camids[index], self.filenames[index])
+
 
 def read_labels(records: Sequence[Mapping]) -> SplitLabels:
   """Read the labels of every record (batched reads when the source offers `__getitems__`)."""
@@ -653,14 +657,14 @@ class EvalStream:
 
 def create_eval_pipeline(config, dataset_name: str, split: str, batch_size: int | None = None,
                          process_index: int | None = None, process_count: int | None = None, *,
-                         records: Sequence[Mapping] | None = None,
+                         records: Sequence[Mapping] | None = None, labels: SplitLabels | None = None,
                          transform: grain.transforms.Map | None = None) -> EvalStream:
   """Batches {"image", "pid", "camid", "mask", "index"} of a split, unaugmented, in record order.
 
   Global batch k holds images k*B .. k*B+B-1 (B = batch_size, default config.eval.batch_size); process p
   gets its p-th slice. The last batch is padded (mask False, index/pid/camid -1), so with the mask every
-  image counts exactly once across processes. `records` replaces reading the TFDS split, `transform` the
-  config's eval transform (decode + resize).
+  image counts exactly once across processes. `records` replaces reading the TFDS split (`labels`, theirs
+  when the caller has read them already), `transform` the config's eval transform (decode + resize).
   """
   process_index, process_count = _process_grid(process_index, process_count)
   global_batch = config.eval.batch_size if batch_size is None else batch_size
@@ -669,7 +673,7 @@ def create_eval_pipeline(config, dataset_name: str, split: str, batch_size: int 
     records = _split_records(config, dataset_name, (split,), None)[split]
   elif len(records) == 0:
     raise ValueError(f"Split {split!r} of dataset {dataset_name!r} is empty.")
-  labels = read_labels(records)
+  labels = read_labels(records) if labels is None else labels
   num_batches = -(-len(labels) // global_batch)
   data = config.data
   batches = (
@@ -681,21 +685,38 @@ def create_eval_pipeline(config, dataset_name: str, split: str, batch_size: int 
 
 
 class _RecordSubset(Sequence):
-  """Some records of a split, in the given order, as a random-access data source."""
+  """Some records of one split, or of several, in the given order, as a random-access data source: record k
+  is `sources[split_index[k]][indices[k]]` (`sources` one split's records when `split_index` is None)."""
 
-  def __init__(self, records: Sequence[Mapping], indices: np.ndarray):
-    self._records, self._indices = records, np.asarray(indices, np.int64)
+  def __init__(self, sources, indices: np.ndarray, split_index: np.ndarray | None = None):
+    self._sources = [sources] if split_index is None else list(sources)
+    self._indices = np.asarray(indices, np.int64)
+    self._split_index = np.zeros(len(self._indices), np.int64) if split_index is None else split_index
+
+  def labels(self, source_labels: Sequence[SplitLabels]) -> SplitLabels:
+    """The subset's labels from those of its sources (the same order as `sources`; one for one split)."""
+    offsets = np.cumsum([0] + [len(labels) for labels in source_labels[:-1]])
+    whole = SplitLabels(*(np.concatenate([getattr(labels, field) for labels in source_labels])
+                          for field in ("pids", "camids", "filenames")))
+    return whole.take(offsets[self._split_index] + self._indices)
 
   def __len__(self):
     return len(self._indices)
 
   def __getitem__(self, index):
-    return self._records[int(self._indices[index])]
+    return self._sources[int(self._split_index[index])][int(self._indices[index])]
 
   def __getitems__(self, indices):
-    keys = [int(self._indices[i]) for i in indices]
-    getitems = getattr(self._records, "__getitems__", None)
-    return getitems(keys) if getitems is not None else [self._records[k] for k in keys]
+    out = [None] * len(indices)
+    by_split = {}
+    for position, index in enumerate(indices):
+      by_split.setdefault(int(self._split_index[index]), []).append((position, int(self._indices[index])))
+    for split, items in by_split.items():
+      source, keys = self._sources[split], [key for _, key in items]
+      getitems = getattr(source, "__getitems__", None)
+      for (position, _), record in zip(items, getitems(keys) if getitems else [source[k] for k in keys]):
+        out[position] = record
+    return out
 
 
 def val_query_index(labels: SplitLabels, seed: int) -> np.ndarray:
@@ -737,53 +758,34 @@ def create_val_pipelines(config, batch_size: int | None = None, process_index: i
                       else (_source_examples, _SOURCE_STREAM))
   held_out = examples(config, {"train": labels}, ("train",)).val_record_index
   gallery = _RecordSubset(records, held_out)
-  gallery_labels = SplitLabels(labels.pids[held_out], labels.camids[held_out], labels.filenames[held_out])
+  gallery_labels = gallery.labels([labels])
   query = _RecordSubset(gallery, val_query_index(gallery_labels, _seed_for(config, stream)))
   return {split: create_eval_pipeline(config, val_name(config), f"val_{split}", batch_size, process_index,
-                                      process_count, records=subset)
-          for split, subset in (("query", query), ("gallery", gallery))}
+                                      process_count, records=subset, labels=subset_labels)
+          for split, subset, subset_labels in (("query", query, query.labels([gallery_labels])),
+                                               ("gallery", gallery, gallery_labels))}
 
 
-class _ExampleRecords(Sequence):
-  """The records an Examples selects from its splits, in its order, as a random-access data source."""
-
-  def __init__(self, records: Sequence[Sequence[Mapping]], examples: Examples):
-    self._records, self._examples = records, examples
-
-  def __len__(self):
-    return len(self._examples.record_index)
-
-  def __getitem__(self, index):
-    split = int(self._examples.split_index[index])
-    return self._records[split][int(self._examples.record_index[index])]
-
-  def __getitems__(self, indices):
-    out = [None] * len(indices)
-    by_split = {}
-    for position, index in enumerate(indices):
-      by_split.setdefault(int(self._examples.split_index[index]), []).append(
-          (position, int(self._examples.record_index[index])))
-    for split, items in by_split.items():
-      source, keys = self._records[split], [key for _, key in items]
-      getitems = getattr(source, "__getitems__", None)
-      for (position, _), record in zip(items, getitems(keys) if getitems else [source[k] for k in keys]):
-        out[position] = record
-    return out
-
-
-def create_target_train_pipeline(config, batch_size: int, process_index: int | None = None,
+def create_target_train_pipeline(config, batch_size: int, num_devices: int, process_index: int | None = None,
                                  process_count: int | None = None, *,
                                  data_sources: Mapping[str, Sequence[Mapping]] | None = None) -> EvalStream:
   """The images the target stream trains on (every train-split image but the held-out validation
   identities'), unaugmented and in record order, batched as `create_eval_pipeline` does: what
-  config.eval.adabn re-estimates R's BatchNorm statistics on."""
+  config.eval.adabn re-estimates R's BatchNorm statistics on. Batches hold `batch_size` images or, for a
+  target with fewer, as many of its images as split over `num_devices`; fewer than 2 is a ConfigError."""
   target = config.data.target
   splits = ("train", *extra_train_splits(config, target, combineall=False))
   records = _split_records(config, target, splits, data_sources)
-  examples = _target_examples(config, {split: read_labels(records[split]) for split in splits}, splits)
-  subset = _ExampleRecords([records[split] for split in splits], examples)
+  split_labels = [read_labels(records[split]) for split in splits]
+  examples = _target_examples(config, dict(zip(splits, split_labels)), splits)
+  subset = _RecordSubset([records[split] for split in splits], examples.record_index, examples.split_index)
+  num_images = len(subset)
+  batch_size = min(batch_size, num_images - num_images % num_devices)
+  if batch_size < 2:
+    raise ConfigError(f"config.eval.adabn: the target {target!r} has {num_images} training images, too few "
+                      f"for BatchNorm statistics over {num_devices} device(s); set config.eval.adabn=False.")
   return create_eval_pipeline(config, target, "train", batch_size, process_index, process_count,
-                              records=subset)
+                              records=subset, labels=subset.labels(split_labels))
 
 
 def split_labels(config, dataset_name: str, split: str) -> SplitLabels:

@@ -19,7 +19,7 @@ import numpy as np
 
 from synth_reid_jax import checkpointing, config_checks, features, input_pipeline, sharding, train_state
 from synth_reid_jax import train_step as train_step_lib
-from synth_reid_jax.errors import ConfigError, NonFiniteLossError
+from synth_reid_jax.errors import NonFiniteLossError
 from synth_reid_jax.evaluator import Evaluator
 from synth_reid_jax.inference import prepare
 from synth_reid_jax.metric_writer import MetricWriter
@@ -278,20 +278,11 @@ def open_eval_datasets(evaluator, config):
 
 def make_adabn(config, models, mesh):
   """config.eval.adabn: -> state -> the state with R's BatchNorm statistics re-estimated on the target's
-  training images (features.adapted_batch_stats, in batches of eval.batch_size or, for a smaller target, of
-  as many of its images as split over the devices); None when off. The target is opened here, so that an
-  unreadable one stops the run before it trains."""
+  training images (features.adapted_batch_stats over input_pipeline.create_target_train_pipeline); None when
+  off. The target is opened here, so that an unreadable one stops the run before it trains."""
   if not config.eval.get("adabn"):
     return None
-  batch_size = config.eval.batch_size
-  stream = input_pipeline.create_target_train_pipeline(config, batch_size)
-  if stream.num_images < batch_size:
-    batch_size = stream.num_images - stream.num_images % mesh.devices.size
-    if batch_size < 2:
-      raise ConfigError(f"config.eval.adabn: the target {config.data.target!r} has {stream.num_images} "
-                        f"training images, too few for BatchNorm statistics over {mesh.devices.size} "
-                        "device(s); set config.eval.adabn=False.")
-    stream = input_pipeline.create_target_train_pipeline(config, batch_size)
+  stream = input_pipeline.create_target_train_pipeline(config, config.eval.batch_size, mesh.devices.size)
   batch_stats_fn = features.make_batch_stats_fn(models, mesh)
 
   def adapt(state):

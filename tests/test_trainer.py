@@ -393,7 +393,7 @@ def test_adabn_evaluates_and_saves_target_statistics(more_ids_dirs, tmp_path, co
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                variables["batch_stats"]["reid"], recomputed)
   target = input_pipeline.create_target_pipeline(config, 0, 1, source_steps_per_epoch=1)
-  stream = input_pipeline.create_target_train_pipeline(config, 4)
+  stream = input_pipeline.create_target_train_pipeline(config, 4, 1)
   assert stream.num_images == target.num_images  # the held-out identities' images are left out
   # Without AdaBN the same run saves the training running averages instead.
   plain = tiny_config(more_ids_dirs, num_steps=2)
@@ -408,14 +408,12 @@ def test_adabn_evaluates_and_saves_target_statistics(more_ids_dirs, tmp_path, co
   assert all(jax.tree.leaves(differs))
 
 
-def test_adabn_on_a_target_smaller_than_two_images_is_a_config_error(more_ids_dirs, monkeypatch):
+def test_adabn_on_a_target_smaller_than_two_images_is_a_config_error(more_ids_dirs):
   config = tiny_config(more_ids_dirs)
   config.eval.adabn = True
-  stream = input_pipeline.EvalStream(batches=None, num_batches=1, num_images=1, batch_size=1,
-                                     labels=None)
-  monkeypatch.setattr(input_pipeline, "create_target_train_pipeline", lambda *args, **kwargs: stream)
+  records = {"train": [{"image": b"", "pid": 1, "camid": 0, "filename": "0001_c1s1_000001_00.jpg"}]}
   with pytest.raises(ConfigError, match="adabn: the target 'dukemtmc_reid' has 1 training images"):
-    trainer.make_adabn(config, None, sharding.create_mesh())
+    input_pipeline.create_target_train_pipeline(config, 4, 1, data_sources=records)
 
 
 @pytest.mark.slow
