@@ -89,11 +89,19 @@ def test_demo_pair_is_the_toy_domains():
   assert load("demo_baseline").model.backbone == "resnet50_plain"  # the thesis' direct transfer, as baseline
 
 
+def test_demo_is_the_thesis_triplet_variant_and_its_baseline_softmax_only():
+  demo, tiny_demo, base = load("demo"), load("demo", "tiny"), load("demo_baseline")
+  assert (demo.loss.reid_ce, demo.loss.reid_triplet, demo.data.sampler, demo.data.num_instances) == (
+      0.5, 1.0, "pk", 4)
+  assert tiny_demo.train.batch_size // tiny_demo.data.num_instances >= 2  # the triplet loss has negatives
+  assert (base.loss.reid_triplet, base.data.sampler) == (0.0, "random")
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_tiny_is_the_same_experiment_shrunk(name):
   full, tiny = flat(load(name)), flat(load(name, "tiny"))
   for key in ("data.source", "data.target", "data.eval_datasets", "model.backbone", "loss.gan", "loss.nce",
-              "loss.sim", "loss.reid_ce"):
+              "loss.sim", "loss.reid_ce", "loss.reid_triplet", "data.sampler"):
     assert tiny[key] == full[key], key
   assert tiny["data.height"] * tiny["data.width"] <= 32 * 16
   assert tiny["train.num_steps"] <= 8 and tiny["model.ngf"] <= 8 and tiny["model.reid_stages"] == (1, 1, 1)
