@@ -1,7 +1,9 @@
 """The demo: the procedural reid_toy pair (synthetic -> real), trained and tested on a laptop CPU in minutes.
 
-Same method and losses as the thesis setting, at 64x32 with a narrow generator, discriminator and re-ID
-network. `reid_toy` is generated on first use (no download). Compare with configs/demo_baseline.py.
+Same method as the thesis setting, at 64x32 with a narrow generator, discriminator and re-ID network; R
+learns with the thesis' triplet variant (batch-hard triplet beside the cross-entropy, on P x K batches) and
+its BatchNorm statistics are re-estimated on the real images (AdaBN) before evaluating. `reid_toy` is
+generated on first use (no download). Compare with configs/demo_baseline.py.
 """
 
 from configs import default, tiny
