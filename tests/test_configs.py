@@ -92,7 +92,7 @@ def test_demo_pair_is_the_toy_domains():
 def test_demo_is_the_thesis_triplet_variant_and_its_baseline_softmax_only():
   demo, tiny_demo, base = load("demo"), load("demo", "tiny"), load("demo_baseline")
   assert (demo.loss.reid_ce, demo.loss.reid_triplet, demo.data.sampler, demo.data.num_instances) == (
-      0.5, 1.0, "pk", 4)
+      0.5, 1.0, "pk", 2)
   assert tiny_demo.train.batch_size // tiny_demo.data.num_instances >= 2  # the triplet loss has negatives
   assert (base.loss.reid_triplet, base.data.sampler) == (0.0, "random")
 
