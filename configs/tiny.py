@@ -32,8 +32,6 @@ def shrink(config):
   config.loss.nce_layers = tuple(layer for layer in config.loss.nce_layers if layer < 4) + (4, 5)
   config.loss.num_patches = 16
   config.train.batch_size = 4  # the fake dataset trees (tests/fakes.py) have 6 target images
-  if config.data.sampler == "pk":
-    config.data.num_instances = 2  # two identities per batch of 4, so the triplet loss has negatives
   config.train.num_steps = 4
   config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 2
